@@ -1,0 +1,577 @@
+"""Data plumbing: reading every contract of DESIGN.md, rendering with the chat template, collating, packing.
+
+Reading goes through `datasets.load_dataset` (local jsonl/json/parquet/csv files and hub names). Each row is
+validated by a `parse_*` function that returns a plain normalised record or raises `DataError` naming the
+file, the row (1-based, = the line of a jsonl file) and the field. `parse_rows` applies one of them to a
+whole dataset and either stops at the first bad row or, when the user asked for it, skips and counts.
+
+Rendering always uses the tokenizer's chat template. The tokens an assistant turn contributes are found by
+rendering prefixes of the conversation (the generation prompt before the turn, the conversation including
+it): this works for any template whose renderings of a conversation's prefixes are prefixes of each other,
+and the code checks that instead of assuming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
+HELPSTEER_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+
+
+class DataError(ValueError):
+    """A malformed input row; the message names file, row and field."""
+
+
+def where(source: str, row: int, fld: str | None = None) -> str:
+    return f"{source}: row {row}" + (f", field '{fld}'" if fld else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _check_json_lines(path: str) -> None:
+    """Find the first unparseable line of a jsonl file (datasets' own error names no line)."""
+    with open(path) as f:
+        first = f.read(1)
+    if first == "[":
+        try:
+            with open(path) as f:
+                json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        return
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where(path, lineno)}: unparseable JSON line ({e.msg}): {line.strip()[:80]!r}") from None
+            if not isinstance(value, dict):
+                raise DataError(f"{where(path, lineno)}: expected a JSON object, got {type(value).__name__}")
+
+
+def _csv_text_features(path: Path):
+    import csv
+
+    import datasets
+
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    return datasets.Features({name: datasets.Value("string") for name in header})
+
+
+def load_rows(spec: str, split: str = "train") -> list[dict]:
+    """Rows of a local file (jsonl/json/parquet/csv) or a `datasets` hub name, as a list of dicts.
+
+    A local path may carry a split in the hub style, `path.jsonl:test` is not supported; pass separate files.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(spec)
+    if path.suffix in _BUILDERS:
+        if not path.exists():
+            raise FileNotFoundError(f"{spec}: no such data file")
+        if _BUILDERS[path.suffix] == "json":
+            _check_json_lines(spec)
+        # CSV cells are read as text: a completion "3" must stay the string "3" (numbers are parsed per field)
+        kwargs = {"features": _csv_text_features(path)} if path.suffix == ".csv" else {}
+        try:
+            ds = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train", **kwargs)
+        except Exception as e:  # arrow type conflicts etc.: keep datasets' explanation, add the file
+            raise DataError(f"{spec}: could not be read as {path.suffix[1:]}: {e}") from e
+    elif path.is_dir():
+        ds = datasets.load_dataset(str(path), split=split)
+    else:
+        ds = datasets.load_dataset(spec, split=split)
+    return ds.to_list()
+
+
+@dataclass
+class Parsed:
+    records: list
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def parse_rows(rows: list[dict], parse: Callable, source: str, skip_bad_rows: bool = False) -> Parsed:
+    """Apply `parse(row, source, row_number)` to every row; stop at the first DataError unless skipping."""
+    out = Parsed([])
+    for i, row in enumerate(rows, 1):
+        try:
+            out.records.append(parse(row, source, i))
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            out.skipped += 1
+            out.errors.append(str(e))
+    if not out.records:
+        raise DataError(f"{source}: no usable rows ({out.skipped} skipped)" + (f"; first: {out.errors[0]}" if out.errors else ""))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row parsers (one per contract). They return plain dicts with normalised fields.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _present(row: dict, key: str) -> bool:
+    return key in row and row[key] is not None
+
+
+def _text(value, source: str, row: int, fld: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where(source, row, fld)}: expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where(source, row, fld)}: empty")
+    return value
+
+
+def _messages(value, source: str, row: int, fld: str) -> list[dict]:
+    """A string (one user turn) or a list of {"role", "content"} messages."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": _text(value, source, row, fld)}]
+    if not isinstance(value, list) or not value:
+        raise DataError(
+            f"{where(source, row, fld)}: expected a string or a non-empty list of messages, got "
+            f"{type(value).__name__ if not isinstance(value, list) else 'an empty list'}"
+        )
+    out = []
+    for j, m in enumerate(value):
+        sub = f"{fld}[{j}]"
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise DataError(f"{where(source, row, sub)}: expected an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where(source, row, sub + '.role')}: unknown role {m['role']!r} (expected one of {ROLES})")
+        msg = {"role": m["role"], "content": _text(m["content"], source, row, sub + ".content")}
+        if m.get("attributes"):
+            msg["attributes"] = m["attributes"]
+        out.append(msg)
+    return out
+
+
+def parse_sft(row: dict, source: str, i: int) -> dict:
+    """{"messages": [...]} or {"prompt": str|messages, "completion": str} -> {"messages": [...]}."""
+    if _present(row, "messages"):
+        messages = _messages(row["messages"], source, i, "messages")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where(source, i, 'messages')}: no assistant turn to learn from")
+        return {"messages": messages}
+    if _present(row, "prompt") or _present(row, "completion"):
+        for key in ("prompt", "completion"):
+            if not _present(row, key):
+                raise DataError(f"{where(source, i, key)}: missing")
+        prompt = _messages(row["prompt"], source, i, "prompt")
+        completion = _text(row["completion"], source, i, "completion")
+        return {"messages": prompt + [{"role": "assistant", "content": completion}]}
+    raise DataError(f"{where(source, i)}: expected 'messages', or 'prompt' and 'completion' (found {sorted(row)})")
+
+
+def split_hh(chosen: str, rejected: str, source: str, i: int) -> tuple[list[dict], str, str]:
+    """Anthropic HH form: the prompt is everything up to the last shared "\\n\\nAssistant:"."""
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise DataError(f"{where(source, i, 'chosen')}: no shared '\\n\\nAssistant:' turn (not Anthropic HH format)")
+    prompt_text = chosen[:cut]
+    parts, role, pos = [], None, 0
+    while pos < len(prompt_text):
+        nxt = [(prompt_text.find(tag, pos), tag) for tag in (HH_HUMAN, HH_ASSISTANT)]
+        nxt = [(k, tag) for k, tag in nxt if k >= 0]
+        k, tag = min(nxt) if nxt else (len(prompt_text), None)
+        if role is not None:
+            parts.append({"role": role, "content": prompt_text[pos:k].strip()})
+        elif prompt_text[pos:k].strip():
+            raise DataError(f"{where(source, i, 'chosen')}: text before the first '\\n\\nHuman:' turn")
+        if tag is None:
+            break
+        role, pos = ("user" if tag == HH_HUMAN else "assistant"), k + len(tag)
+    if not parts or parts[0]["role"] != "user":
+        raise DataError(f"{where(source, i, 'chosen')}: the prompt has no '\\n\\nHuman:' turn")
+    for j, m in enumerate(parts):
+        if not m["content"]:
+            raise DataError(f"{where(source, i, 'chosen')}: turn {j} of the prompt is empty")
+    return parts, chosen[cut + len(HH_ASSISTANT) :].strip(), rejected[cut + len(HH_ASSISTANT) :].strip()
+
+
+def _response(value, prompt: list[dict], source: str, i: int, fld: str) -> str:
+    """A response given as a string, or as messages (optionally repeating the prompt) ending in one reply."""
+    if isinstance(value, str):
+        return _text(value, source, i, fld)
+    messages = _messages(value, source, i, fld)
+    if messages[: len(prompt)] == prompt and len(messages) > len(prompt):
+        messages = messages[len(prompt) :]
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise DataError(f"{where(source, i, fld)}: expected exactly one assistant message after the prompt")
+    return messages[0]["content"]
+
+
+def _number(row: dict, key: str, source: str, i: int) -> float | None:
+    if not _present(row, key):
+        return None
+    value = row[key]
+    if isinstance(value, str):  # CSV cells arrive as text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where(source, i, key)}: expected a number, got {type(value).__name__}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise DataError(f"{where(source, i, key)}: not finite")
+    return float(value)
+
+
+def parse_preference(row: dict, source: str, i: int) -> dict:
+    """{"prompt", "chosen", "rejected"} (strings or messages), or Anthropic HH {"chosen", "rejected"} text.
+
+    Returns {"prompt": messages, "chosen": str, "rejected": str, "margin", "chosen_reward", "rejected_reward"}
+    (the last three None when absent).
+    """
+    for key in ("chosen", "rejected"):
+        if not _present(row, key):
+            raise DataError(f"{where(source, i, key)}: missing")
+    if _present(row, "prompt"):
+        prompt = _messages(row["prompt"], source, i, "prompt")
+        chosen = _response(row["chosen"], prompt, source, i, "chosen")
+        rejected = _response(row["rejected"], prompt, source, i, "rejected")
+    else:
+        chosen_text = _text(row["chosen"], source, i, "chosen")
+        rejected_text = _text(row["rejected"], source, i, "rejected")
+        prompt, chosen, rejected = split_hh(chosen_text, rejected_text, source, i)
+        if not chosen:
+            raise DataError(f"{where(source, i, 'chosen')}: empty response after the last Assistant turn")
+        if not rejected:
+            raise DataError(f"{where(source, i, 'rejected')}: empty response after the last Assistant turn")
+    if chosen == rejected:
+        raise DataError(f"{where(source, i, 'rejected')}: identical to 'chosen' (the pair carries no preference)")
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "margin": _number(row, "margin", source, i),
+        "chosen_reward": _number(row, "chosen_reward", source, i),
+        "rejected_reward": _number(row, "rejected_reward", source, i),
+    }
+
+
+def parse_prompt(row: dict, source: str, i: int) -> dict:
+    """{"prompt": str|messages} -> {"prompt": messages}. SFT rows are accepted too (their prompt part)."""
+    if _present(row, "prompt"):
+        return {"prompt": _messages(row["prompt"], source, i, "prompt")}
+    if _present(row, "messages"):
+        messages = _messages(row["messages"], source, i, "messages")
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise DataError(f"{where(source, i, 'messages')}: no prompt turn before the assistant turn")
+        return {"prompt": messages}
+    raise DataError(f"{where(source, i, 'prompt')}: missing")
+
+
+def parse_kto(row: dict, source: str, i: int) -> dict:
+    """{"prompt", "completion", "label": bool} -> {"prompt": messages, "completion": str, "label": bool}."""
+    for key in ("prompt", "completion", "label"):
+        if not _present(row, key):
+            raise DataError(f"{where(source, i, key)}: missing")
+    if not isinstance(row["label"], bool):
+        raise DataError(f"{where(source, i, 'label')}: expected true/false, got {type(row['label']).__name__}")
+    return {
+        "prompt": _messages(row["prompt"], source, i, "prompt"),
+        "completion": _text(row["completion"], source, i, "completion"),
+        "label": row["label"],
+    }
+
+
+def parse_attributes(row: dict, source: str, i: int) -> dict:
+    """SFT row + {"attributes": {name: number}}, or HelpSteer's flat columns (prompt, response, 0-4 scores).
+
+    Returns {"messages": [...], "attributes": {name: float or None}}; None = missing, never 0.
+    """
+    if _present(row, "attributes"):
+        attrs = row["attributes"]
+        if not isinstance(attrs, dict):
+            raise DataError(f"{where(source, i, 'attributes')}: expected an object of name: number")
+        values = {}
+        for name, value in attrs.items():
+            if value is None:
+                values[name] = None
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DataError(f"{where(source, i, 'attributes.' + name)}: expected a number, got {type(value).__name__}")
+            else:
+                values[name] = float(value)
+        return {"messages": parse_sft(row, source, i)["messages"], "attributes": values}
+    if _present(row, "prompt") and _present(row, "response"):
+        prompt = _messages(row["prompt"], source, i, "prompt")
+        response = _text(row["response"], source, i, "response")
+        values = {name: _number(row, name, source, i) for name in HELPSTEER_ATTRIBUTES if name in row}
+        if not values:
+            raise DataError(f"{where(source, i, 'attributes')}: missing (no 'attributes' and no HelpSteer columns)")
+        return {"messages": prompt + [{"role": "assistant", "content": response}], "attributes": values}
+    raise DataError(f"{where(source, i, 'attributes')}: missing (no 'attributes' and no HelpSteer columns)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering with the chat template
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    # The chat template already writes BOS etc.; adding special tokens again would double them.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+    )
+    return encode(tokenizer, text)
+
+
+def _check_prefix(prefix: list[int], full: list[int], context: str) -> None:
+    if full[: len(prefix)] != prefix:
+        raise DataError(
+            f"{context}: the chat template is not prefix-stable (rendering the conversation up to a turn is not a "
+            "prefix of rendering it with the turn), so assistant tokens cannot be located"
+        )
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], context: str = "conversation") -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with labels = input_ids on every assistant turn (content + end-of-turn), else -100.
+
+    An assistant message's `attributes` (SteerLM) are part of the turn's header, so they are not labelled.
+    """
+    labels: list[int] = []
+    ids: list[int] = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        header_kwargs = {"attributes": message["attributes"]} if message.get("attributes") else {}
+        head = render(tokenizer, messages[:k], add_generation_prompt=True, **header_kwargs)
+        full = render(tokenizer, messages[: k + 1])
+        _check_prefix(ids, head, context)
+        _check_prefix(head, full, context)
+        labels += [IGNORE_INDEX] * (len(head) - len(ids)) + full[len(head) :]
+        ids = full
+    whole = render(tokenizer, messages)
+    _check_prefix(ids, whole, context)
+    labels += [IGNORE_INDEX] * (len(whole) - len(ids))
+    return whole, labels
+
+
+def tokenize_sft(tokenizer, record: dict, max_len: int, context: str) -> dict:
+    """An SFT example, truncated on the right to max_len; an error when no assistant token survives."""
+    ids, labels = tokenize_conversation(tokenizer, record["messages"], context)
+    truncated = len(ids) > max_len
+    ids, labels = ids[:max_len], labels[:max_len]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        raise DataError(f"{context}: no assistant token left within --max-seq-len {max_len} ({len(ids)} tokens)")
+    return {"input_ids": ids, "labels": labels, "truncated": truncated}
+
+
+def tokenize_prompt(tokenizer, prompt: list[dict], max_prompt_len: int, context: str, **template_kwargs) -> list[int]:
+    ids = render(tokenizer, prompt, add_generation_prompt=True, **template_kwargs)
+    if len(ids) > max_prompt_len:
+        raise DataError(f"{context}: prompt is {len(ids)} tokens, over --max-prompt-len {max_prompt_len}")
+    return ids
+
+
+def tokenize_response(tokenizer, prompt: list[dict], prompt_ids: list[int], response: str, context: str) -> list[int]:
+    """The tokens of one assistant reply after `prompt_ids` (content + end-of-turn), via the template."""
+    full = render(tokenizer, prompt + [{"role": "assistant", "content": response}])
+    _check_prefix(prompt_ids, full, context)
+    return full[len(prompt_ids) :]
+
+
+def tokenize_pair(tokenizer, record: dict, max_len: int, max_prompt_len: int, context: str) -> dict:
+    """Prompt, chosen and rejected token ids; responses truncated to fit max_len after the prompt."""
+    prompt_ids = tokenize_prompt(tokenizer, record["prompt"], max_prompt_len, context)
+    room = max_len - len(prompt_ids)
+    if room < 1:
+        raise DataError(f"{context}: the prompt ({len(prompt_ids)} tokens) leaves no room for a response in {max_len}")
+    chosen = tokenize_response(tokenizer, record["prompt"], prompt_ids, record["chosen"], context)
+    rejected = tokenize_response(tokenizer, record["prompt"], prompt_ids, record["rejected"], context)
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_ids": chosen[:room],
+        "rejected_ids": rejected[:room],
+        "truncated": len(chosen) > room or len(rejected) > room,
+    }
+
+
+def tokenize_all(items: list[dict], fn: Callable, source: str, skip_bad_rows: bool) -> Parsed:
+    """Tokenize parsed records with `fn(record, context)`, with the same stop-or-skip policy as parsing."""
+    out = Parsed([])
+    for i, item in enumerate(items, 1):
+        try:
+            out.records.append(fn(item, f"{source}: example {i}"))
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            out.skipped += 1
+            out.errors.append(str(e))
+    if not out.records:
+        raise DataError(f"{source}: no usable examples after tokenization ({out.skipped} skipped)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collation and packing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pad(seqs: list[list[int]], value: int, side: str = "right", length: int | None = None) -> torch.Tensor:
+    """(B, T) LongTensor of `seqs` padded with `value` on `side` to `length` (default: the longest)."""
+    length = length or max(len(s) for s in seqs)
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if side == "right":
+            out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        else:
+            out[i, length - len(s) :] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so left padding does not shift a sequence (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def collate(examples: list[dict], pad_id: int, side: str = "right") -> dict:
+    """Padded batch of {"input_ids", "labels"} examples: input_ids, labels, attention_mask, position_ids (B, T)."""
+    input_ids = pad([e["input_ids"] for e in examples], pad_id, side)
+    labels = pad([e["labels"] for e in examples], IGNORE_INDEX, side)
+    attention_mask = pad([[1] * len(e["input_ids"]) for e in examples], 0, side)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+    }
+
+
+def pack(examples: list[dict], max_len: int) -> list[list[dict]]:
+    """Greedy packing in order: consecutive examples share a row while they fit in max_len tokens."""
+    rows, row, used = [], [], 0
+    for e in examples:
+        n = len(e["input_ids"])
+        if row and used + n > max_len:
+            rows.append(row)
+            row, used = [], 0
+        row.append(e)
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
+def collate_packed(rows: list[list[dict]], pad_id: int) -> dict:
+    """Packed rows: input_ids, labels, position_ids restarting per sample, and segment_ids (B, T).
+
+    segment_ids number the samples of a row from 1 (0 = padding); `model_inputs` turns them into a
+    block-diagonal causal mask. Each sample's first label is dropped so no sample is trained to predict
+    the start of the next one.
+    """
+    seqs, labels, positions, segments = [], [], [], []
+    for row in rows:
+        s, lab, pos, seg = [], [], [], []
+        for k, e in enumerate(row, 1):
+            n = len(e["input_ids"])
+            s += e["input_ids"]
+            lab += [IGNORE_INDEX] + e["labels"][1:]
+            pos += list(range(n))
+            seg += [k] * n
+        seqs.append(s)
+        labels.append(lab)
+        positions.append(pos)
+        segments.append(seg)
+    return {
+        "input_ids": pad(seqs, pad_id),
+        "labels": pad(labels, IGNORE_INDEX),
+        "position_ids": pad(positions, 0),
+        "segment_ids": pad(segments, 0),
+    }
+
+
+def model_inputs(batch: dict, model: torch.nn.Module, device: torch.device) -> dict:
+    """The keyword arguments for an HF model call, on `device`.
+
+    Padded batches pass a 2-D attention mask and explicit position ids. Packed batches (with segment_ids)
+    pass position ids that restart per sample and a 4-D block-diagonal causal mask: restarting positions
+    alone does NOT keep samples apart under sdpa/eager attention. Flash-attention's variable-length path
+    instead reads the sample boundaries from the restarting position ids, so it gets no mask.
+    """
+    out = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device)}
+    if "segment_ids" not in batch:
+        out["attention_mask"] = batch["attention_mask"].to(device)
+        return out
+    impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    if impl.startswith("flash"):
+        return out
+    seg = batch["segment_ids"].to(device)  # (B, T)
+    T = seg.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
+    allowed = (same & causal) | torch.eye(T, dtype=torch.bool, device=device)  # padding attends to itself only
+    allowed = allowed[:, None]  # (B, 1, T, T)
+    if impl == "eager":  # eager adds the mask to the scores: it needs the additive float form
+        dtype = next(model.parameters()).dtype
+        return out | {"attention_mask": torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)}
+    return out | {"attention_mask": allowed}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Deterministic batching: the examples of optimizer step `step` depend only on (seed, step), so resuming at a
+# step reproduces the uninterrupted run, and the global batch is the same whatever the number of ranks.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def steps_per_epoch(num_items: int, global_batch_size: int) -> int:
+    n = num_items // global_batch_size
+    if n == 0:
+        raise ValueError(f"{num_items} examples are fewer than one global batch of {global_batch_size}")
+    return n
+
+
+def step_indices(num_items: int, global_batch_size: int, step: int, seed: int, shuffle: bool = True) -> list[int]:
+    """The global batch of example indices for optimizer step `step` (0-based); drops each epoch's remainder."""
+    per_epoch = steps_per_epoch(num_items, global_batch_size)
+    epoch, k = divmod(step, per_epoch)
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(num_items, generator=g).tolist()
+    else:
+        order = list(range(num_items))
+    return order[k * global_batch_size : (k + 1) * global_batch_size]
+
+
+def micro_batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def resolve_data_path(spec: str, kind: str, dist) -> str:
+    """`demo` -> the demo task's jsonl for `kind` (written by the main process); anything else unchanged."""
+    if spec != "demo":
+        return spec
+    from common import demo_task
+
+    if dist.is_main:
+        demo_task.ensure_data(kind)
+    dist.barrier()
+    return str(demo_task.DEMO_DATA_DIR / f"{kind}.jsonl")

@@ -1,0 +1,132 @@
+"""Batched generation with a KV cache: greedy or sampled (temperature, top-k, top-p), per-rank generators.
+
+A small loop over the model's forward rather than `model.generate`: it takes a torch.Generator (so sampling is
+reproducible and different per rank), keeps ranks in lock-step under FSDP, and has less per-token overhead,
+which dominates for small models.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from common.data import pad, position_ids_from_mask
+from common.dist import Dist, autocast, gathered_for_generation
+
+
+def _cache_keyword(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); accept both so older installs work."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
+    """One token per row from (B, V) logits; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    dist: Dist,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    batch_size: int = 256,
+) -> list[list[int]]:
+    """Responses to token-id prompts, each cut after its first EOS (the EOS is kept).
+
+    Every rank must pass the same number of prompts: the loop runs until all ranks are done, so that FSDP
+    and the stopping all-reduce stay in step.
+    """
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    n_batches = (len(prompts) + batch_size - 1) // batch_size
+    with gathered_for_generation(model), autocast(dist):
+        for b in range(n_batches):
+            chunk = prompts[b * batch_size : (b + 1) * batch_size]
+            input_ids = pad(chunk, pad_id, side="left").to(dist.device)  # (B, P)
+            attention_mask = pad([[1] * len(p) for p in chunk], 0, side="left").to(dist.device)
+            position_ids = position_ids_from_mask(attention_mask)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=dist.device)
+            tokens = []
+            past = None
+            cache_kw = _cache_keyword(model)
+            step_ids, step_pos = input_ids, position_ids
+            for _ in range(max_new_tokens):
+                o = model(
+                    input_ids=step_ids,
+                    attention_mask=attention_mask,
+                    position_ids=step_pos,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{cache_kw: past},
+                )
+                past = getattr(o, cache_kw)
+                nxt = sample_next(o.logits[:, -1], temperature, top_k, top_p, generator)
+                nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+                tokens.append(nxt)
+                done |= nxt == eos_id
+                if dist.sum(float((~done).sum())) == 0:
+                    break
+                step_ids = nxt[:, None]
+                step_pos = step_pos[:, -1:] + 1
+                attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            gen = torch.stack(tokens, dim=1).tolist()  # (B, T)
+            for row in gen:
+                cut = row.index(eos_id) + 1 if eos_id in row else len(row)
+                out.append(row[:cut])
+    model.train(was_training)
+    return out
+
+
+def demo_eval(model, tokenizer, dist: Dist, num_prompts: int, max_new_tokens: int, template_kwargs=None) -> dict:
+    """Ground truth on held-out demo-task prompts: greedy answers graded by `demo_task.grade`.
+
+    Returns eval/score (hidden utility), eval/accuracy, eval/verbosity, eval/politeness, eval/response_length
+    (tokens), and `samples` (a few prompt/response/score rows from rank 0).
+    """
+    from common import demo_task
+    from common.data import render
+
+    prompts = dist.shard(demo_task.eval_prompts(num_prompts))
+    ids = [render(tokenizer, [{"role": "user", "content": p}], True, **(template_kwargs or {})) for p in prompts]
+    responses = generate(
+        model, ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+        max_new_tokens=max_new_tokens, dist=dist,
+    )
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    grades = [demo_task.grade(p, t) for p, t in zip(prompts, texts)]
+    keys = ("score", "correct", "verbosity", "politeness")
+    sums = torch.tensor(
+        [sum(g[k] for g in grades) for k in keys] + [sum(len(r) for r in responses), len(grades)],
+        dtype=torch.float64, device=dist.device,
+    )
+    dist.all_reduce(sums)
+    n = sums[-1].item()
+    out = {f"eval/{'accuracy' if k == 'correct' else k}": sums[i].item() / n for i, k in enumerate(keys)}
+    out["eval/response_length"] = sums[len(keys)].item() / n
+    out["samples"] = [[p, t, g["score"]] for p, t, g in list(zip(prompts, texts, grades))[:6]]
+    return out

@@ -1,0 +1,321 @@
+"""Data contracts: every accepted form, every malformed case with its exact error, masking, collation, packing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from common import data
+from common.data import DataError, IGNORE_INDEX
+
+
+def write(tmp_path, name: str, rows: list, raw: str | None = None):
+    path = tmp_path / name
+    if raw is not None:
+        path.write_text(raw)
+    elif name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif name.endswith(".json"):
+        path.write_text(json.dumps(rows))
+    elif name.endswith(".csv"):
+        import csv
+
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    elif name.endswith(".parquet"):
+        import datasets
+
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    return path
+
+
+# --- reading --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "json", "csv", "parquet"])
+def test_load_rows_every_file_format(tmp_path, ext):
+    rows = [{"prompt": "What is 1 + 2?", "completion": "3"}, {"prompt": "Add 2 and 2.", "completion": "4"}]
+    path = write(tmp_path, f"d.{ext}", rows)
+    assert data.load_rows(str(path)) == rows
+
+
+def test_load_rows_names_the_unparseable_line(tmp_path):
+    path = write(tmp_path, "bad.jsonl", [], raw='{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n')
+    with pytest.raises(DataError, match=r"bad.jsonl: row 2: unparseable JSON line"):
+        data.load_rows(str(path))
+
+
+def test_load_rows_rejects_non_object_line(tmp_path):
+    path = write(tmp_path, "list.jsonl", [], raw='{"prompt": "a"}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"list.jsonl: row 2: expected a JSON object, got list"):
+        data.load_rows(str(path))
+
+
+def test_load_rows_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        data.load_rows(str(tmp_path / "nope.jsonl"))
+
+
+# --- SFT ----------------------------------------------------------------------------------------------------------
+
+
+def test_parse_sft_prompt_completion_and_messages():
+    r = data.parse_sft({"prompt": "hi", "completion": "hello"}, "f", 1)
+    assert r["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    assert data.parse_sft({"messages": msgs}, "f", 1)["messages"] == msgs
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "hi"}, "f.jsonl: row 3, field 'completion': missing"),
+        ({"prompt": "hi", "completion": ""}, "f.jsonl: row 3, field 'completion': empty"),
+        ({"prompt": "hi", "completion": 5}, "f.jsonl: row 3, field 'completion': expected a string, got int"),
+        ({"text": "hi"}, "f.jsonl: row 3: expected 'messages', or 'prompt' and 'completion' (found ['text'])"),
+        ({"messages": []}, "f.jsonl: row 3, field 'messages': expected a string or a non-empty list of messages, got an empty list"),
+        ({"messages": [{"role": "user", "content": "u"}]}, "f.jsonl: row 3, field 'messages': no assistant turn to learn from"),
+        ({"messages": [{"role": "bot", "content": "u"}]}, "f.jsonl: row 3, field 'messages[0].role': unknown role 'bot'"),
+        ({"messages": [{"role": "user"}]}, "f.jsonl: row 3, field 'messages[0]': expected an object with 'role' and 'content'"),
+        ({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": " "}]}, "f.jsonl: row 3, field 'messages[1].content': empty"),
+    ],
+)
+def test_parse_sft_errors(row, message):
+    with pytest.raises(DataError) as e:
+        data.parse_sft(row, "f.jsonl", 3)
+    assert str(e.value).startswith(message)
+
+
+def test_parse_rows_skips_and_counts_when_asked():
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "a"}, {"prompt": "c", "completion": "d"}]
+    with pytest.raises(DataError, match="row 2"):
+        data.parse_rows(rows, data.parse_sft, "f", skip_bad_rows=False)
+    parsed = data.parse_rows(rows, data.parse_sft, "f", skip_bad_rows=True)
+    assert len(parsed.records) == 2 and parsed.skipped == 1 and "row 2, field 'completion'" in parsed.errors[0]
+
+
+def test_parse_rows_all_bad_is_an_error():
+    with pytest.raises(DataError, match="no usable rows"):
+        data.parse_rows([{"x": 1}], data.parse_sft, "f", skip_bad_rows=True)
+
+
+# --- preferences --------------------------------------------------------------------------------------------------
+
+
+def test_parse_preference_explicit_prompt_string_and_messages():
+    r = data.parse_preference({"prompt": "q", "chosen": "good", "rejected": "bad", "margin": 2}, "f", 1)
+    assert r["prompt"] == [{"role": "user", "content": "q"}] and (r["chosen"], r["rejected"], r["margin"]) == ("good", "bad", 2.0)
+    prompt = [{"role": "user", "content": "q"}]
+    row = {
+        "prompt": prompt,
+        "chosen": prompt + [{"role": "assistant", "content": "good"}],  # full-conversation form
+        "rejected": [{"role": "assistant", "content": "bad"}],  # reply-only form
+    }
+    r = data.parse_preference(row, "f", 1)
+    assert (r["chosen"], r["rejected"], r["margin"], r["chosen_reward"]) == ("good", "bad", None, None)
+
+
+def test_parse_preference_anthropic_hh_multi_turn():
+    """The prompt is everything before the last shared "\\n\\nAssistant:"; earlier turns become messages."""
+    shared = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: What is 2 + 2?\n\nAssistant:"
+    row = {"chosen": shared + " It is 4.", "rejected": shared + " It is 5."}
+    r = data.parse_preference(row, "hh.jsonl", 1)
+    assert r["prompt"] == [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "What is 2 + 2?"},
+    ]
+    assert (r["chosen"], r["rejected"]) == ("It is 4.", "It is 5.")
+
+
+def test_parse_preference_hh_shared_response_prefix():
+    """Responses that start alike must not move the split into the response."""
+    shared = "\n\nHuman: Name a colour.\n\nAssistant:"
+    r = data.parse_preference({"chosen": shared + " Blue is nice", "rejected": shared + " Blue, or red"}, "f", 1)
+    assert (r["chosen"], r["rejected"]) == ("Blue is nice", "Blue, or red")
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "q", "chosen": "a"}, "f: row 7, field 'rejected': missing"),
+        ({"prompt": "q", "chosen": "same", "rejected": "same"}, "f: row 7, field 'rejected': identical to 'chosen'"),
+        ({"prompt": "q", "chosen": "", "rejected": "b"}, "f: row 7, field 'chosen': empty"),
+        ({"prompt": 3, "chosen": "a", "rejected": "b"}, "f: row 7, field 'prompt': expected a string or a non-empty list of messages, got int"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "f: row 7, field 'margin': expected a number, got str"),
+        ({"chosen": "no turns here", "rejected": "nor here"}, "f: row 7, field 'chosen': no shared '\\n\\nAssistant:' turn"),
+        ({"prompt": "q", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}, "f: row 7, field 'chosen': expected exactly one assistant message"),
+        ({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: a"}, "f: row 7, field 'rejected': identical to 'chosen'"),
+        ({"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": "\n\nHuman: q\n\nAssistant: b"}, "f: row 7, field 'chosen': empty response"),
+    ],
+)
+def test_parse_preference_errors(row, message):
+    with pytest.raises(DataError) as e:
+        data.parse_preference(row, "f", 7)
+    assert str(e.value).startswith(message)
+
+
+# --- prompts, KTO, attributes -------------------------------------------------------------------------------------
+
+
+def test_parse_prompt_forms_and_errors():
+    assert data.parse_prompt({"prompt": "q"}, "f", 1)["prompt"] == [{"role": "user", "content": "q"}]
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "gold"}]
+    assert data.parse_prompt({"messages": msgs}, "f", 1)["prompt"] == msgs[:1]  # SFT rows give their prompt
+    with pytest.raises(DataError, match=r"^f: row 2, field 'prompt': missing$"):
+        data.parse_prompt({"question": "q"}, "f", 2)
+    with pytest.raises(DataError, match=r"^f: row 2, field 'prompt': empty$"):
+        data.parse_prompt({"prompt": "  "}, "f", 2)
+
+
+def test_parse_kto():
+    r = data.parse_kto({"prompt": "q", "completion": "a", "label": False}, "f", 1)
+    assert r["label"] is False and r["completion"] == "a"
+    with pytest.raises(DataError, match=r"^f: row 4, field 'label': expected true/false, got int$"):
+        data.parse_kto({"prompt": "q", "completion": "a", "label": 1}, "f", 4)
+    with pytest.raises(DataError, match=r"^f: row 4, field 'label': missing$"):
+        data.parse_kto({"prompt": "q", "completion": "a"}, "f", 4)
+
+
+def test_parse_attributes_dict_with_missing_value():
+    row = {"prompt": "q", "completion": "a", "attributes": {"verbosity": 2, "politeness": None}}
+    r = data.parse_attributes(row, "f", 1)
+    assert r["attributes"] == {"verbosity": 2.0, "politeness": None}  # None = missing, not 0
+    assert r["messages"][-1] == {"role": "assistant", "content": "a"}
+
+
+def test_parse_attributes_helpsteer_columns():
+    row = {"prompt": "q", "response": "a", "helpfulness": 3, "correctness": 4, "coherence": 4, "complexity": 1, "verbosity": None}
+    r = data.parse_attributes(row, "f", 1)
+    assert r["attributes"] == {"helpfulness": 3.0, "correctness": 4.0, "coherence": 4.0, "complexity": 1.0, "verbosity": None}
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "q", "completion": "a", "attributes": {"verbosity": "high"}}, "f: row 5, field 'attributes.verbosity': expected a number, got str"),
+        ({"prompt": "q", "completion": "a", "attributes": [1, 2]}, "f: row 5, field 'attributes': expected an object"),
+        ({"prompt": "q", "completion": "a"}, "f: row 5, field 'attributes': missing"),
+        ({"prompt": "q", "response": "a", "helpfulness": "x"}, "f: row 5, field 'helpfulness': expected a number, got str"),
+    ],
+)
+def test_parse_attributes_errors(row, message):
+    with pytest.raises(DataError) as e:
+        data.parse_attributes(row, "f", 5)
+    assert str(e.value).startswith(message)
+
+
+# --- rendering and masking ----------------------------------------------------------------------------------------
+
+
+def test_multi_turn_masking_labels_only_assistant_tokens(tokenizer):
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "Add 4 and 4."},
+        {"role": "assistant", "content": "The answer is 8."},
+    ]
+    ids, labels = data.tokenize_conversation(tokenizer, msgs)
+    assert ids == data.render(tokenizer, msgs) and len(labels) == len(ids)
+    labelled = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    assert labels == [lab if lab == IGNORE_INDEX else t for t, lab in zip(ids, labels)]  # labels copy the ids
+    # exactly the two replies, each with its end-of-turn token (and the template's newline after it)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert tokenizer.decode(labelled) == "5<|end|>\nThe answer is 8.<|end|>\n"
+    assert labelled.count(end) == 2
+    # nothing of the system or user turns is labelled
+    assert "Be brief" not in tokenizer.decode(labelled) and "What is" not in tokenizer.decode(labelled)
+
+
+def test_attribute_header_is_not_labelled(tokenizer):
+    msgs = [{"role": "user", "content": "Add 4 and 4."}, {"role": "assistant", "content": "8", "attributes": "verbosity:0"}]
+    ids, labels = data.tokenize_conversation(tokenizer, msgs)
+    assert "[verbosity:0]" in tokenizer.decode(ids)
+    assert tokenizer.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == "8<|end|>\n"
+
+
+def test_tokenize_sft_truncation_and_no_room(tokenizer):
+    record = {"messages": [{"role": "user", "content": "What is 12 + 13?"}, {"role": "assistant", "content": "The answer is 25."}]}
+    full = data.tokenize_sft(tokenizer, record, 128, "c")
+    assert not full["truncated"]
+    cut = data.tokenize_sft(tokenizer, record, len(full["input_ids"]) - 2, "c")
+    assert cut["truncated"] and cut["input_ids"] == full["input_ids"][:-2]
+    prompt_len = len(data.render(tokenizer, record["messages"][:1], add_generation_prompt=True))
+    with pytest.raises(DataError, match=r"^c: no assistant token left within --max-seq-len"):
+        data.tokenize_sft(tokenizer, record, prompt_len, "c")
+
+
+def test_tokenize_pair_and_prompt_too_long(tokenizer):
+    record = {"prompt": [{"role": "user", "content": "Add 4 and 4."}], "chosen": "8", "rejected": "The answer is 9."}
+    out = data.tokenize_pair(tokenizer, record, 64, 32, "c")
+    assert tokenizer.decode(out["chosen_ids"]) == "8<|end|>\n"
+    assert out["prompt_ids"] + out["chosen_ids"] == data.render(tokenizer, record["prompt"] + [{"role": "assistant", "content": "8"}])
+    with pytest.raises(DataError, match=r"^c: prompt is \d+ tokens, over --max-prompt-len 3$"):
+        data.tokenize_pair(tokenizer, record, 64, 3, "c")
+    n = len(out["prompt_ids"])
+    with pytest.raises(DataError, match=r"^c: the prompt \(\d+ tokens\) leaves no room for a response"):
+        data.tokenize_pair(tokenizer, record, n, 64, "c")
+
+
+def test_template_that_is_not_prefix_stable_is_detected(tokenizer):
+    """A template that renders earlier turns differently once a later turn exists cannot be masked by prefixes."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    # like templates that drop earlier assistant turns' reasoning: old replies render differently
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'assistant' and not loop.last %}[old]{% else %}{{ m['content'] }}{% endif %}|{% endfor %}"
+    )
+    with pytest.raises(DataError, match="not prefix-stable"):
+        data.tokenize_conversation(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}])
+
+
+# --- collation and packing ----------------------------------------------------------------------------------------
+
+
+def test_collate_right_and_left_padding():
+    ex = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    b = data.collate(ex, pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    left = data.collate(ex, pad_id=0, side="left")
+    assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert left["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]  # the real token sits at position 0
+
+
+def test_pack_and_collate_packed():
+    ex = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}, {"input_ids": [6, 7, 8, 9], "labels": [6, 7, 8, 9]}]
+    rows = data.pack(ex, max_len=5)
+    assert [[e["input_ids"] for e in r] for r in rows] == [[[1, 2, 3], [4, 5]], [[6, 7, 8, 9]]]
+    b = data.collate_packed(rows, pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert b["segment_ids"].tolist() == [[1, 1, 1, 2, 2], [1, 1, 1, 1, 0]]
+    # the first token of each sample is never a target (it would be predicted from the previous sample)
+    assert b["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100, 7, 8, 9, -100]]
+
+
+def test_packed_mask_is_block_diagonal_causal():
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 0, 1]]), "segment_ids": torch.tensor([[1, 1, 2, 2]])}
+    mask = data.model_inputs(batch, model, torch.device("cpu"))["attention_mask"][0, 0]
+    assert mask.tolist() == [[True, False, False, False], [True, True, False, False], [False, False, True, False], [False, False, True, True]]
+
+
+def test_step_indices_are_deterministic_and_cover_an_epoch():
+    a = [data.step_indices(10, 3, s, seed=1) for s in range(3)]
+    assert a == [data.step_indices(10, 3, s, seed=1) for s in range(3)]
+    flat = [i for batch in a for i in batch]
+    assert len(set(flat)) == 9  # one epoch: no repeats, remainder dropped
+    assert data.step_indices(10, 3, 3, seed=1) != a[0]  # a new epoch is a new permutation
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        data.step_indices(2, 3, 0, seed=1)
