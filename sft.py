@@ -193,7 +193,7 @@ if __name__ == "__main__":
         state = checkpoint.load_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer})
         scheduler.load_state_dict(state["scheduler"])
         start_step, skipped_steps, initial = state["step"], state["skipped_steps"], state["initial"]
-    tracker = make_tracker(dist, args.output_dir, args, args.track, args.wandb_project, start_step - 1 if args.resume else -1)
+    tracker = make_tracker(dist, args.output_dir, args, args.track, args.wandb_project, start_step if args.resume else -1)
     tracker.print(f"resolved args: {args}")
     tracker.print(
         f"world_size={dist.world_size} global_batch_size={global_batch_size} total_steps={total_steps} "

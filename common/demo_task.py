@@ -229,7 +229,7 @@ def _style(rng: random.Random, wrong_fraction: float) -> tuple[bool, int, int]:
     return rng.random() >= wrong_fraction, rng.randint(0, 4), rng.randint(0, 4)
 
 
-def sft_rows(seed: int = 0, n: int = 20_000, wrong_fraction: float = 0.25) -> list[dict]:
+def sft_rows(seed: int = 0, n: int = 50_000, wrong_fraction: float = 0.25) -> list[dict]:
     """Imperfect demonstrations: `wrong_fraction` of answers are wrong, verbosity and politeness uniform."""
     rng = random.Random(seed + 1)
     rows = []

@@ -38,7 +38,7 @@ def script_env() -> dict:
 def run_script(script: str, *args: str, nproc: int = 1, timeout: int = 600, check: bool = True):
     """Run a top-level script as a user would (`python x.py` or `torchrun`), from the repository root."""
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0", script]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script]
     else:
         cmd = [sys.executable, script]
     proc = subprocess.run(cmd + list(args), cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,187 @@
+"""sft.py: packed == unpacked loss, golden losses, batch-split invariance, torchrun parity, resume, faults."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from common import data, demo_task
+from conftest import ROOT, run_script, script_env
+
+STEPS = 12
+COMMON = ["--total-steps", str(STEPS), "--log-every", "1", "--eval-every", "0", "--save-every", "0",
+          "--demo-eval-prompts", "0", "--eval-size", "32", "--warmup-steps", "3"]  # fmt: skip
+
+# Losses of the first 12 steps of `sft.py` on the fixture data (600 demo rows, seed 1, global batch 32, fp32,
+# CPU). Regenerate with `pytest tests/test_sft.py -k golden -s` after an intended change (it prints them).
+GOLDEN = None
+
+
+def losses(out) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    return demo_task.write_jsonl(demo_task.sft_rows(seed=3, n=600), tmp_path_factory.mktemp("sftdata") / "sft.jsonl")
+
+
+@pytest.fixture(scope="module")
+def baseline(demo_base, sft_data, tmp_path_factory):
+    """The reference run: 1 process, micro-batch 16 x 2 accumulation steps."""
+    out = tmp_path_factory.mktemp("baseline")
+    run_script("sft.py", "--model-path", str(demo_base), "--data", str(sft_data), "--output-dir", str(out),
+               "--local-micro-batch-size", "16", "--gradient-accumulation-steps", "2", *COMMON)  # fmt: skip
+    return out
+
+
+def test_packed_loss_equals_unpacked(demo_base, tokenizer):
+    import sft
+    from common.models import load_causal_lm
+
+    model = load_causal_lm(str(demo_base), torch.device("cpu")).eval()
+    rows = data.parse_rows(demo_task.sft_rows(seed=5, n=12), data.parse_sft, "x").records
+    examples = [data.tokenize_sft(tokenizer, r, 128, "x") for r in rows]
+    with torch.no_grad():
+        unpacked = sft.sft_loss_sum(model, data.collate(examples, tokenizer.pad_token_id), torch.device("cpu"))
+        rows_packed = data.pack(examples, 128)
+        assert len(rows_packed) < len(examples)  # something was actually packed
+        packed = sft.sft_loss_sum(model, data.collate_packed(rows_packed, tokenizer.pad_token_id), torch.device("cpu"))
+    n_tokens = sum(sft.count_label_tokens(e) for e in examples)
+    assert abs(unpacked.item() - packed.item()) / n_tokens < 1e-5, (unpacked.item(), packed.item())
+
+
+def test_golden_losses(baseline):
+    got = losses(baseline)
+    print("golden losses:", [round(x, 6) for x in got])
+    assert len(got) == STEPS
+    assert got[-1] < got[0] - 0.5  # it learns
+    if GOLDEN is not None:
+        assert got == pytest.approx(GOLDEN, rel=1e-5, abs=1e-6)
+
+
+def test_micro_batch_times_accumulation_invariance(baseline, demo_base, sft_data, tmp_path):
+    """32 x 1 and 8 x 4 see the same global batch and normalise by its token count: same losses."""
+    for micro, accum in [(32, 1), (8, 4)]:
+        out = tmp_path / f"m{micro}"
+        run_script("sft.py", "--model-path", str(demo_base), "--data", str(sft_data), "--output-dir", str(out),
+                   "--local-micro-batch-size", str(micro), "--gradient-accumulation-steps", str(accum), *COMMON)  # fmt: skip
+        assert losses(out) == pytest.approx(losses(baseline), rel=1e-5, abs=1e-6)
+
+
+def test_torchrun_two_processes_match_one(baseline, demo_base, sft_data, tmp_path):
+    """2 ranks x micro 16 = the same global batch of 32 as the baseline: the same losses."""
+    run_script("sft.py", "--model-path", str(demo_base), "--data", str(sft_data), "--output-dir", str(tmp_path),
+               "--local-micro-batch-size", "16", *COMMON, nproc=2)  # fmt: skip
+    assert losses(tmp_path) == pytest.approx(losses(baseline), rel=1e-5, abs=1e-6)
+    state = json.loads((tmp_path / "trainer_state" / "COMPLETE").read_text())
+    assert state == {"world_size": 2, "step": STEPS}
+
+
+def _start(demo_base, sft_data, out, *extra):
+    cmd = [sys.executable, "sft.py", "--model-path", str(demo_base), "--data", str(sft_data), "--output-dir", str(out),
+           "--local-micro-batch-size", "16", "--gradient-accumulation-steps", "2", *COMMON, *extra]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(proc, out, timeout=120):
+    marker = out / "trainer_state" / "COMPLETE"
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, f"run ended before its first checkpoint:\n{proc.stdout.read()}"
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.005)
+
+
+def test_kill9_then_resume_equals_uninterrupted(baseline, demo_base, sft_data, tmp_path):
+    proc = _start(demo_base, sft_data, tmp_path, "--save-every", "2", "--total-steps", str(STEPS))
+    _wait_for_checkpoint(proc, tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_from = json.loads((tmp_path / "trainer_state" / "COMPLETE").read_text())["step"]
+    assert resumed_from < STEPS
+    run_script("sft.py", "--model-path", str(demo_base), "--data", str(sft_data), "--output-dir", str(tmp_path),
+               "--local-micro-batch-size", "16", "--gradient-accumulation-steps", "2", *COMMON, "--resume")  # fmt: skip
+    assert losses(tmp_path) == pytest.approx(losses(baseline), rel=1e-6, abs=1e-7)
+
+
+def test_sigterm_saves_and_exits_zero(demo_base, sft_data, tmp_path):
+    proc = _start(demo_base, sft_data, tmp_path, "--total-steps", "100000")
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert f"SIGTERM: checkpoint saved at step" in output and str(tmp_path) in output
+    step = json.loads((tmp_path / "trainer_state" / "COMPLETE").read_text())["step"]
+    assert step >= 1
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path)  # the exported model is usable at once
+
+
+def test_nonfinite_loss_stops_with_the_step_or_is_skipped(demo_base, sft_data, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    broken = tmp_path / "nan_model"
+    model = AutoModelForCausalLM.from_pretrained(demo_base)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(demo_base).save_pretrained(broken)
+    args = ["--model-path", str(broken), "--data", str(sft_data), *COMMON, "--total-steps", "3"]
+    proc = run_script("sft.py", *args, "--output-dir", str(tmp_path / "a"), check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss at step 0 (NaN or Inf)" in proc.stderr
+    run_script("sft.py", *args, "--output-dir", str(tmp_path / "b"), "--skip-nonfinite")
+    assert json.loads((tmp_path / "b" / "eval.json").read_text())["train/skipped_steps"] == 3
+
+
+def test_bad_data_row_names_file_row_and_field(demo_base, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = {"prompt": "What is 1 + 2?", "completion": "3"}
+    path.write_text("\n".join(json.dumps(r) for r in [good] * 40 + [{"prompt": "What is 1 + 2?"}] + [good] * 40) + "\n")
+    proc = run_script("sft.py", "--model-path", str(demo_base), "--data", str(path), "--output-dir", str(tmp_path / "o"),
+                      *COMMON, check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert f"{path}: row 41, field 'completion': missing" in proc.stderr
+    proc = run_script("sft.py", "--model-path", str(demo_base), "--data", str(path), "--output-dir", str(tmp_path / "o"),
+                      *COMMON, "--skip-bad-rows", "--total-steps", "1", "--local-micro-batch-size", "8")  # fmt: skip
+    assert "1 bad rows skipped" in proc.stdout
+
+
+def test_smoke_demo_run_outputs_a_usable_model(demo_base, sft_data, tmp_path):
+    """The script end to end with the demo evaluation; the output loads with transformers alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "sft"
+    proc = run_script("sft.py", "--model-path", str(demo_base), "--output-dir", str(out), "--total-steps", "20",
+                      "--demo-eval-prompts", "16", "--max-new-tokens", "24", "--packing", "--eval-every", "10")  # fmt: skip
+    assert "ground truth (16 held-out demo prompts)" in proc.stdout
+    result = json.loads((out / "eval.json").read_text())
+    for key in ("eval/loss", "eval/score", "eval/accuracy", "initial/eval/score"):
+        assert key in result
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template([{"role": "user", "content": "Add 1 and 2."}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|bos|><|user|>\nAdd 1 and 2.<|end|>\n<|assistant|>\n"
+    assert tok.pad_token_id != tok.eos_token_id and model.config.pad_token_id == tok.pad_token_id
+
+
+def test_help_documents_every_flag():
+    proc = run_script("sft.py", "--help")
+    import sft
+
+    for name in sft.Args.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in proc.stdout, name
+    assert "tokens per example" in proc.stdout  # the field docstrings are the help text
