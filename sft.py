@@ -162,15 +162,7 @@ if __name__ == "__main__":
 
     # 2. data: parse every row (errors name file, row and field), tokenize, hold out an eval set, pack
     data_path = data.resolve_data_path(args.data, "sft", dist)
-    rows = data.load_rows(data_path)
-    if args.eval_data is None:
-        if len(rows) <= args.eval_size:
-            raise ValueError(f"{data_path}: {len(rows)} rows, not more than --eval-size {args.eval_size}")
-        rows, eval_rows, eval_source = rows[: -args.eval_size], rows[-args.eval_size :], data_path
-    else:
-        eval_rows, eval_source = data.load_rows(args.eval_data), args.eval_data
-    parsed = data.parse_rows(rows, data.parse_sft, data_path, args.skip_bad_rows)
-    eval_parsed = data.parse_rows(eval_rows, data.parse_sft, eval_source, args.skip_bad_rows)
+    parsed, eval_parsed, eval_source = data.load_train_eval(data_path, args.eval_data, args.eval_size, data.parse_sft, args.skip_bad_rows)
 
     def tok(record, context):
         return data.tokenize_sft(tokenizer, record, args.max_seq_len, context)

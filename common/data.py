@@ -110,12 +110,15 @@ class Parsed:
     errors: list[str] = field(default_factory=list)
 
 
-def parse_rows(rows: list[dict], parse: Callable, source: str, skip_bad_rows: bool = False) -> Parsed:
-    """Apply `parse(row, source, row_number)` to every row; stop at the first DataError unless skipping."""
+def parse_rows(rows: list[dict], parse: Callable, source: str, skip_bad_rows: bool = False, first_row: int = 1) -> Parsed:
+    """Apply `parse(row, source, row_number)` to every row; stop at the first DataError unless skipping.
+
+    `first_row` is the file row of rows[0], so errors in a held-out tail still name the row of the file.
+    """
     out = Parsed([])
-    for i, row in enumerate(rows, 1):
+    for i, row in enumerate(rows, first_row):
         try:
-            out.records.append(parse(row, source, i))
+            out.records.append(parse(row, source, i) | {"row": i})
         except DataError as e:
             if not skip_bad_rows:
                 raise
@@ -124,6 +127,23 @@ def parse_rows(rows: list[dict], parse: Callable, source: str, skip_bad_rows: bo
     if not out.records:
         raise DataError(f"{source}: no usable rows ({out.skipped} skipped)" + (f"; first: {out.errors[0]}" if out.errors else ""))
     return out
+
+
+def load_train_eval(
+    data_path: str, eval_data: str | None, eval_size: int, parse: Callable, skip_bad_rows: bool
+) -> tuple[Parsed, Parsed, str]:
+    """Parsed training rows and held-out rows: `eval_data` when given, else the last `eval_size` rows of
+    `data_path`. Returns (train, eval, eval_source)."""
+    rows = load_rows(data_path)
+    if eval_data is None:
+        if len(rows) <= eval_size:
+            raise ValueError(f"{data_path}: {len(rows)} rows, not more than --eval-size {eval_size}")
+        train_rows, eval_rows, eval_source, eval_first = rows[:-eval_size], rows[-eval_size:], data_path, len(rows) - eval_size + 1
+    else:
+        train_rows, eval_rows, eval_source, eval_first = rows, load_rows(eval_data), eval_data, 1
+    train = parse_rows(train_rows, parse, data_path, skip_bad_rows)
+    held_out = parse_rows(eval_rows, parse, eval_source, skip_bad_rows, first_row=eval_first)
+    return train, held_out, eval_source
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,7 +440,7 @@ def tokenize_all(items: list[dict], fn: Callable, source: str, skip_bad_rows: bo
     out = Parsed([])
     for i, item in enumerate(items, 1):
         try:
-            out.records.append(fn(item, f"{source}: example {i}"))
+            out.records.append(fn(item, f"{source}: row {item.get('row', i)}"))
         except DataError as e:
             if not skip_bad_rows:
                 raise

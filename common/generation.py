@@ -85,7 +85,9 @@ def generate(
                     **{cache_kw: past},
                 )
                 past = getattr(o, cache_kw)
-                nxt = sample_next(o.logits[:, -1], temperature, top_k, top_p, generator)
+                logits = o.logits[:, -1].float()  # (B, V)
+                logits[:, pad_id] = float("-inf")  # padding is never a token of an answer
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)
                 nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
                 tokens.append(nxt)
                 done |= nxt == eos_id

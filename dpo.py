@@ -1,0 +1,538 @@
+"""Offline preference optimisation: DPO and its loss family, with an optional precomputed reference.
+
+DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7) trains the policy pi directly on pairs
+(x, y_w, y_l) with the implicit reward r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)):
+    loss = -log sigmoid(beta * Delta),  Delta = log pi/pi_ref (y_w) - log pi/pi_ref (y_l)
+The family (`--loss-type`), each written out in `preference_loss`:
+    sigmoid    DPO; with --label-smoothing eps, conservative DPO (Mitchell 2023): the label is wrong w.p. eps
+    ipo        IPO (Azar et al. 2023, eq. 17): (Delta - 1/(2 beta))^2, a regression that does not saturate
+    hinge      SLiC (Zhao et al. 2023): max(0, 1 - beta * Delta)
+    simpo      SimPO (Meng et al. 2024, eq. 6): no reference, length-normalised log-probs and a margin gamma
+    rpo_sq, rpo_fwd_kl, rpo_bwd_kl   NeMo-Aligner's reward-aware preference optimisation: match beta * Delta
+               to the data's reward gap Delta_r = eta (r_w - r_l) by a squared error or a KL between Bernoullis
+    kto        KTO (Ethayarajh et al. 2024): unpaired desirable/undesirable completions (`kto_loss`)
+`--sft-loss-weight` adds the length-normalised NLL of the chosen response (RPO, Pang et al. 2024).
+
+Reference log-probs come from a frozen copy of the starting model (sharded like the policy), or, with
+`--precompute-ref-logprobs`, are computed once before training and cached in the output directory, so no
+reference model is held during training. Chosen and rejected go through one forward; log-probs through
+`kernels.selective_logprob`, summed over response tokens (averaged for simpo or with --average-logprobs).
+
+Run (no flags: from out/sft on the demo pairs, a few minutes on 2 CPU cores):
+    python dpo.py
+    python dpo.py --loss-type ipo --beta 0.5 --precompute-ref-logprobs
+    python dpo.py --loss-type kto --data demo                 # demo KTO rows (prompt, completion, label)
+    torchrun --nproc_per_node 2 dpo.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+
+from common import checkpoint, data
+from common.dist import autocast, cleanup, init_distributed, seed_everything, wrap_model
+from common.generation import demo_eval
+from common.models import load_causal_lm, load_tokenizer
+from common.tracking import make_tracker
+from common.training import Schedule, StopSignal, grad_norm_clip, make_optimizer, make_scheduler, nonfinite_step
+from kernels import selective_logprob
+
+LossType = Literal["sigmoid", "ipo", "hinge", "simpo", "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl", "kto"]
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = "dpo"
+    """name of the run (wandb run name)"""
+    seed: int = 1
+    """seed for data order"""
+    output_dir: str = "out/dpo"
+    """where the model (save_pretrained), trainer_state/, metrics.jsonl and eval.json are written"""
+    resume: bool = False
+    """continue from output_dir/trainer_state"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works)"""
+    wandb_project: str = "plainalign"
+    """wandb project name"""
+
+    # --- model and data ---
+    model_path: str = "out/sft"
+    """policy to start from (HF causal LM directory or hub id)"""
+    ref_model_path: str | None = None
+    """reference model (default: --model-path)"""
+    data: str = "demo"
+    """preference pairs (prompt/chosen/rejected, Anthropic HH), or KTO rows for --loss-type kto; `demo` = the built-in task"""
+    eval_data: str | None = None
+    """held-out data; default: the last --eval-size rows of --data"""
+    eval_size: int = 256
+    """rows held out from --data when --eval-data is not given"""
+    max_seq_len: int = 128
+    """tokens of prompt + response (responses are truncated to fit)"""
+    max_prompt_len: int = 96
+    """longest prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
+    skip_bad_rows: bool = False
+    """skip (and count) malformed rows instead of stopping at the first one"""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """attention kernel of the HF model"""
+
+    # --- optimiser ---
+    learning_rate: float = 2e-4
+    """peak learning rate (AdamW)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)"""
+    lr_schedule: Schedule = "cosine"
+    """decay after warmup"""
+    warmup_steps: int = 20
+    """linear warmup steps"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0 = off)"""
+
+    # --- batch sizes (local_ = per rank) ---
+    local_micro_batch_size: int = 32
+    """pairs (or KTO rows) per forward/backward on each rank"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    num_epochs: float = 1.0
+    """passes over the training data; ignored when --total-steps > 0"""
+    total_steps: int = 0
+    """optimizer steps (0 = derived from --num-epochs)"""
+
+    # --- method ---
+    loss_type: LossType = "sigmoid"
+    """the preference loss (see the module docstring)"""
+    beta: float = 0.1
+    """strength of the KL regularisation (inverse temperature of the implicit reward)"""
+    label_smoothing: float = 0.0
+    """sigmoid/simpo: probability that a preference label is flipped (conservative DPO)"""
+    simpo_gamma: float = 0.5
+    """simpo: target reward margin gamma"""
+    rpo_eta: float = 1.0
+    """rpo_*: scale eta of the data's reward gap, Delta_r = eta (chosen_reward - rejected_reward)"""
+    kto_desirable_weight: float = 1.0
+    """kto: weight lambda_D of desirable examples"""
+    kto_undesirable_weight: float = 1.0
+    """kto: weight lambda_U of undesirable examples"""
+    sft_loss_weight: float = 0.0
+    """add this x the length-normalised NLL of the chosen response (RPO-style; 0 = off)"""
+    average_logprobs: bool = False
+    """use per-token mean instead of summed response log-probs (always on for simpo)"""
+    precompute_ref_logprobs: bool = False
+    """compute reference log-probs once before training, cache them in output_dir, hold no reference model"""
+
+    # --- evaluation and logging ---
+    log_every: int = 25
+    """steps between metric logs"""
+    eval_every: int = 100
+    """steps between evaluations on held-out pairs (0 = only at the end)"""
+    save_every: int = 500
+    """steps between checkpoints (0 = only at the end)"""
+    demo_eval_prompts: int = 256
+    """held-out demo-task prompts graded at the start and end (0 = off; only with --data demo)"""
+    max_new_tokens: int = 64
+    """generation length for the demo-task evaluation"""
+    skip_nonfinite: bool = False
+    """skip steps whose loss is NaN/Inf (counted) instead of stopping"""
+    activation_checkpointing: bool = False
+    """recompute activations in backward (less memory, more compute)"""
+
+
+def preference_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    loss_type: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    chosen_data_rewards: torch.Tensor | None = None,
+    rejected_data_rewards: torch.Tensor | None = None,
+    rpo_eta: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses (B,) and implicit rewards of chosen and rejected (B,), detached.
+
+    With rho = log pi - log pi_ref and Delta = rho_chosen - rho_rejected:
+        sigmoid     -(1 - eps) log sigmoid(beta Delta) - eps log sigmoid(-beta Delta)
+        ipo         (Delta - 1 / (2 beta))^2
+        hinge       max(0, 1 - beta Delta)
+        simpo       -(1 - eps) log sigmoid(z) - eps log sigmoid(-z), z = beta (logp_c - logp_r) - gamma, with
+                    length-normalised policy log-probs and no reference (ref_* are ignored)
+        rpo_sq      (beta Delta - Delta_r)^2,  Delta_r = eta (r_chosen - r_rejected) from the data
+        rpo_bwd_kl  KL(Bernoulli(sigmoid(Delta_r)) || Bernoulli(sigmoid(beta Delta)))
+        rpo_fwd_kl  KL(Bernoulli(sigmoid(beta Delta)) || Bernoulli(sigmoid(Delta_r)))
+    Rewards are beta * rho (simpo: beta * logp).
+    """
+    if loss_type == "simpo":
+        chosen_rewards, rejected_rewards = beta * policy_chosen_logps, beta * policy_rejected_logps
+        z = chosen_rewards - rejected_rewards - simpo_gamma
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+        return losses, chosen_rewards.detach(), rejected_rewards.detach()
+    chosen_rho = policy_chosen_logps - ref_chosen_logps
+    rejected_rho = policy_rejected_logps - ref_rejected_logps
+    delta = chosen_rho - rejected_rho
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+    elif loss_type == "ipo":
+        losses = (delta - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif loss_type in ("rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl"):
+        if chosen_data_rewards is None or rejected_data_rewards is None:
+            raise ValueError(f"{loss_type} needs per-response rewards (chosen_reward, rejected_reward) in the data")
+        target = rpo_eta * (chosen_data_rewards - rejected_data_rewards)
+        logit = beta * delta
+        if loss_type == "rpo_sq":
+            losses = (logit - target) ** 2
+        else:
+            logp_model, log1mp_model = F.logsigmoid(logit), F.logsigmoid(-logit)
+            logp_data, log1mp_data = F.logsigmoid(target), F.logsigmoid(-target)
+            if loss_type == "rpo_bwd_kl":  # KL(data || model)
+                losses = logp_data.exp() * (logp_data - logp_model) + log1mp_data.exp() * (log1mp_data - log1mp_model)
+            else:  # KL(model || data)
+                losses = logp_model.exp() * (logp_model - logp_data) + log1mp_model.exp() * (log1mp_model - log1mp_data)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses, (beta * chosen_rho).detach(), (beta * rejected_rho).detach()
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    reference_point: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KTO per-example losses (B,), rewards beta * rho (B,), and the reference point z0 used.
+
+    rho = log pi(y|x) - log pi_ref(y|x); z0 = max(0, mean rho over the batch), detached (the paper estimates
+    KL(pi || pi_ref) with mismatched prompt/completion pairs; the batch mean of rho on the batch's own
+    completions is a cheaper estimate of the same quantity, at no extra forward).
+        desirable:    lambda_D (1 - sigmoid(beta (rho - z0)))
+        undesirable:  lambda_U (1 - sigmoid(beta (z0 - rho)))
+    """
+    rho = policy_logps - ref_logps
+    z0 = reference_point if reference_point is not None else rho.detach().mean().clamp(min=0)
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (rho - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - rho))),
+    )
+    return losses, (beta * rho).detach(), z0
+
+
+def sequence_logprobs(
+    model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device, average: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed (or mean) log-prob of each response given its prompt (B,), and response lengths (B,).
+
+    Sequences are right-padded with position ids from the mask; only response tokens are scored.
+    """
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    labels = [[data.IGNORE_INDEX] * len(p) + r for p, r in zip(prompts, responses)]
+    batch = data.collate([{"input_ids": s, "labels": lab} for s, lab in zip(seqs, labels)], pad_id)
+    logits = model(**data.model_inputs(batch, model, device)).logits  # (B, T, V)
+    targets = batch["labels"][:, 1:].to(device)  # (B, T-1): position t predicts token t+1
+    logps = selective_logprob(logits[:, :-1], targets)  # (B, T-1), 0 on prompt and padding
+    lengths = (targets != data.IGNORE_INDEX).sum(-1)
+    total = logps.sum(-1)
+    return (total / lengths.clamp(min=1) if average else total), lengths
+
+
+def pair_logprobs(model, items: list[dict], pad_id: int, device, average: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-probs of pairs in one forward (chosen rows first), and chosen lengths."""
+    prompts = [e["prompt_ids"] for e in items] * 2
+    responses = [e["chosen_ids"] for e in items] + [e["rejected_ids"] for e in items]
+    logps, lengths = sequence_logprobs(model, prompts, responses, pad_id, device, average)
+    return logps[: len(items)], logps[len(items) :], lengths[: len(items)]
+
+
+def item_logprobs(model, items: list[dict], pad_id: int, device, average: bool, kto: bool):
+    """(B, 2) log-probs of (chosen, rejected), or (B, 1) of the completion for KTO."""
+    if kto:
+        logps, _ = sequence_logprobs(model, [e["prompt_ids"] for e in items], [e["completion_ids"] for e in items], pad_id, device, average)
+        return logps[:, None]
+    chosen, rejected, _ = pair_logprobs(model, items, pad_id, device, average)
+    return torch.stack([chosen, rejected], dim=-1)
+
+
+@torch.no_grad()
+def reference_logprobs(ref_model, items: list[dict], args: Args, dist, pad_id: int, kto: bool) -> torch.Tensor:
+    """Reference log-probs of every item (N, 2 or 1), computed sharded and gathered on every rank."""
+    n = len(items)
+    padded = items + items[: (-n) % dist.world_size]  # equal shards; the duplicates are dropped after gathering
+    local = dist.shard(padded)
+    out = []
+    for mb in data.micro_batches(local, args.local_micro_batch_size):
+        with autocast(dist):
+            out.append(item_logprobs(ref_model, mb, pad_id, dist.device, args.average_logprobs, kto).float().cpu())
+    gathered = dist.all_gather_object(torch.cat(out))
+    return torch.cat(gathered)[:n]
+
+
+def cached_reference(path: Path, key: str, dist, compute) -> torch.Tensor:
+    """Reference log-probs from `path` when it was computed for the same `key`, else computed and saved.
+
+    `key` hashes what the numbers depend on (reference model, data, lengths); a stale cache is recomputed.
+    """
+    saved = torch.load(path, weights_only=False) if path.exists() else None
+    if dist.broadcast_object(saved is not None and saved["key"] == key):  # every rank takes the same branch
+        return saved["logps"]
+    logps = compute()  # collective: every rank computes its shard, all receive the whole
+    if dist.is_main:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"key": key, "logps": logps}, tmp)
+        tmp.replace(path)
+    return logps
+
+
+@torch.no_grad()
+def evaluate(model, items: list[dict], ref_logps: torch.Tensor, args: Args, dist, pad_id: int, kto: bool) -> dict:
+    """Held-out preference metrics: eval/rewards/{chosen,rejected,accuracies,margins}, eval/loss."""
+    model.eval()
+    n = len(items) - len(items) % dist.world_size
+    per_rank = n // dist.world_size
+    local, local_ref = dist.shard(items[:n]), ref_logps[dist.rank * per_rank : (dist.rank + 1) * per_rank]
+    total = torch.zeros(6, dtype=torch.float64, device=dist.device)
+    for k, mb in enumerate(data.micro_batches(local, args.local_micro_batch_size)):
+        ref = local_ref[k * args.local_micro_batch_size : k * args.local_micro_batch_size + len(mb)].to(dist.device)
+        with autocast(dist):
+            pol = item_logprobs(model, mb, pad_id, dist.device, args.average_logprobs or args.loss_type == "simpo", kto).float()
+        if kto:
+            desirable = torch.tensor([e["label"] for e in mb], device=dist.device)
+            losses, rewards, _ = kto_loss(pol[:, 0], ref[:, 0], desirable, args.beta)
+            rc, rr = rewards[desirable], rewards[~desirable]
+            total += torch.tensor([losses.sum(), rc.sum(), rr.sum(), len(rc), len(rr), len(mb)], dtype=torch.float64, device=dist.device)
+            continue
+        data_r = [torch.tensor([e[k] for e in mb], device=dist.device) if mb[0][k] is not None else None for k in ("chosen_reward", "rejected_reward")]
+        losses, rc, rr = preference_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], args.loss_type, args.beta,
+                                         args.label_smoothing, args.simpo_gamma, *data_r, args.rpo_eta)  # fmt: skip
+        total += torch.stack([losses.sum(), rc.sum(), rr.sum(), (rc > rr).sum(), (rc - rr).sum(), torch.tensor(len(mb))]).double()
+    dist.all_reduce(total)
+    model.train()
+    if kto:
+        return {"eval/loss": total[0].item() / total[5].item(), "eval/rewards/chosen": total[1].item() / max(total[3].item(), 1),
+                "eval/rewards/rejected": total[2].item() / max(total[4].item(), 1)}  # fmt: skip
+    count = total[5].item()
+    return {
+        "eval/loss": total[0].item() / count,
+        "eval/rewards/chosen": total[1].item() / count,
+        "eval/rewards/rejected": total[2].item() / count,
+        "eval/rewards/accuracies": total[3].item() / count,
+        "eval/rewards/margins": total[4].item() / count,
+    }
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    dist = init_distributed()
+    seed_everything(args.seed)
+    stop = StopSignal()
+    kto = args.loss_type == "kto"
+    average = args.average_logprobs or args.loss_type == "simpo"
+    uses_ref = args.loss_type != "simpo"
+
+    # 1. policy, tokenizer, and (unless precomputing or simpo) the frozen reference
+    tokenizer = load_tokenizer(args.model_path)
+    model = load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation)
+    model = wrap_model(model, dist, activation_checkpointing=args.activation_checkpointing)
+    ref_path = args.ref_model_path or args.model_path
+    ref_model = None
+    if uses_ref:
+        ref_model = wrap_model(load_causal_lm(ref_path, dist.device, attn_implementation=args.attn_implementation), dist, trainable=False)
+
+    # 2. data: pairs (or KTO rows); errors name file, row and field
+    kind, parse = ("kto", data.parse_kto) if kto else ("preference", data.parse_preference)
+    data_path = data.resolve_data_path(args.data, kind, dist)
+    parsed, eval_parsed, eval_source = data.load_train_eval(data_path, args.eval_data, args.eval_size, parse, args.skip_bad_rows)
+
+    def tok(record, context):
+        if kto:
+            prompt_ids = data.tokenize_prompt(tokenizer, record["prompt"], args.max_prompt_len, context)
+            completion = data.tokenize_response(tokenizer, record["prompt"], prompt_ids, record["completion"], context)
+            return {"prompt_ids": prompt_ids, "completion_ids": completion[: args.max_seq_len - len(prompt_ids)], "label": record["label"]}
+        if args.loss_type.startswith("rpo") and (record["chosen_reward"] is None or record["rejected_reward"] is None):
+            missing = "chosen_reward" if record["chosen_reward"] is None else "rejected_reward"
+            raise data.DataError(f"{context}, field '{missing}': missing ({args.loss_type} needs per-response rewards)")
+        t = data.tokenize_pair(tokenizer, record, args.max_seq_len, args.max_prompt_len, context)
+        return t | {"chosen_reward": record["chosen_reward"], "rejected_reward": record["rejected_reward"]}
+
+    train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
+    evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
+
+    # 3. reference log-probs: precomputed once (cached on disk) or per batch from the frozen reference
+    width = 1 if kto else 2
+    if not uses_ref:
+        train_ref, eval_ref = torch.zeros(len(train.records), width), torch.zeros(len(evals.records), width)
+    elif args.precompute_ref_logprobs:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha256(json.dumps([ref_path, data_path, eval_source, average, args.max_seq_len, args.max_prompt_len,
+                                         len(train.records), len(evals.records)]).encode()).hexdigest()  # fmt: skip
+        cache = Path(args.output_dir) / "ref_logprobs.pt"
+        both = cached_reference(cache, key, dist, lambda: reference_logprobs(
+            ref_model, train.records + evals.records, args, dist, tokenizer.pad_token_id, kto))  # fmt: skip
+        train_ref, eval_ref = both[: len(train.records)], both[len(train.records) :]
+        ref_model = None  # not held during training
+    else:
+        eval_ref = reference_logprobs(ref_model, evals.records, args, dist, tokenizer.pad_token_id, kto)
+
+    # 4. batch sizes, optimiser, schedule, resume
+    global_batch_size = args.local_micro_batch_size * args.gradient_accumulation_steps * dist.world_size
+    per_epoch = data.steps_per_epoch(len(train.records), global_batch_size)
+    total_steps = args.total_steps or max(1, int(args.num_epochs * per_epoch))
+    optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)
+    scheduler = make_scheduler(optimizer, args.lr_schedule, args.warmup_steps, total_steps)
+    start_step, skipped_steps, initial = 0, 0, {}
+    if args.resume:
+        state = checkpoint.load_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer})
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, skipped_steps, initial = state["step"], state["skipped_steps"], state["initial"]
+    tracker = make_tracker(dist, args.output_dir, args, args.track, args.wandb_project, start_step if args.resume else -1)
+    tracker.print(f"resolved args: {args}")
+    tracker.print(
+        f"world_size={dist.world_size} global_batch_size={global_batch_size} total_steps={total_steps} "
+        f"train={len(train.records)} eval={len(evals.records)} skipped_rows={parsed.skipped + train.skipped} "
+        f"reference={'none (simpo)' if not uses_ref else 'precomputed' if args.precompute_ref_logprobs else ref_path} "
+        f"start_step={start_step}"
+    )
+    for err in (parsed.errors + train.errors)[:5]:
+        tracker.print(f"skipped: {err}")
+
+    def save(step: int) -> None:
+        extra = {"step": step, "scheduler": scheduler.state_dict(), "skipped_steps": skipped_steps, "initial": initial}
+        checkpoint.save_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer}, extra)
+        checkpoint.export_pretrained(model, tokenizer, args.output_dir, dist)
+
+    demo_eval_on = args.demo_eval_prompts > 0 and args.data == "demo"
+    if demo_eval_on and not args.resume:
+        initial = demo_eval(model, tokenizer, dist, args.demo_eval_prompts, args.max_new_tokens)
+        initial.pop("samples")
+        tracker.print(f"start: eval/score={initial['eval/score']:.3f} eval/accuracy={initial['eval/accuracy']:.3f}")
+
+    # 5. training loop
+    model.train()
+    bar = tracker.progress(total_steps, start_step, "dpo")
+    t0, seqs = time.time(), 0
+    for step in range(start_step, total_steps):
+        global_idx = data.step_indices(len(train.records), global_batch_size, step, args.seed)
+        idx = dist.shard(global_idx)
+        local = [train.records[i] for i in idx]
+        local_ref = train_ref[idx] if args.precompute_ref_logprobs or not uses_ref else None
+        # metrics summed over pairs: loss, rewards/chosen, rewards/rejected, accuracies, margins, logps/chosen,
+        # logps/rejected, sft nll
+        stats = torch.zeros(8, dtype=torch.float64, device=dist.device)
+        micro = data.micro_batches(list(range(len(local))), args.local_micro_batch_size)
+        for k, mb_idx in enumerate(micro):
+            mb = [local[i] for i in mb_idx]
+            if dist.enabled:
+                model.set_requires_gradient_sync(k == len(micro) - 1)
+            with autocast(dist):
+                if local_ref is not None:
+                    ref = local_ref[mb_idx].to(dist.device)
+                else:
+                    with torch.no_grad():
+                        ref = item_logprobs(ref_model, mb, tokenizer.pad_token_id, dist.device, average, kto).float()
+                if kto:
+                    logps, _ = sequence_logprobs(model, [e["prompt_ids"] for e in mb], [e["completion_ids"] for e in mb],
+                                                 tokenizer.pad_token_id, dist.device, average)  # fmt: skip
+                    desirable = torch.tensor([e["label"] for e in mb], device=dist.device)
+                    losses, rewards, _ = kto_loss(logps.float(), ref[:, 0], desirable, args.beta,
+                                                  args.kto_desirable_weight, args.kto_undesirable_weight)  # fmt: skip
+                    chosen_rewards, rejected_rewards = rewards[desirable], rewards[~desirable]
+                    chosen_logps, rejected_logps = logps[desirable].detach(), logps[~desirable].detach()
+                    nll = torch.zeros((), device=dist.device)
+                else:
+                    chosen_logps, rejected_logps, chosen_len = pair_logprobs(model, mb, tokenizer.pad_token_id, dist.device, average)
+                    data_r = [torch.tensor([e[f] for e in mb], device=dist.device) if mb[0][f] is not None else None
+                              for f in ("chosen_reward", "rejected_reward")]  # fmt: skip
+                    losses, chosen_rewards, rejected_rewards = preference_loss(
+                        chosen_logps.float(), rejected_logps.float(), ref[:, 0], ref[:, 1], args.loss_type, args.beta,
+                        args.label_smoothing, args.simpo_gamma, *data_r, args.rpo_eta,
+                    )  # fmt: skip
+                    summed = chosen_logps * chosen_len if average else chosen_logps
+                    nll = -(summed / chosen_len.clamp(min=1)).sum()  # length-normalised NLL of the chosen responses
+                    if args.sft_loss_weight:
+                        losses = losses + args.sft_loss_weight * (-(summed / chosen_len.clamp(min=1)))
+            # mean over the global batch; FSDP averages over ranks, hence / local batch size
+            (losses.sum() / len(local)).backward()
+            stats += torch.stack([
+                losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                (chosen_rewards > rejected_rewards).sum() if not kto else torch.zeros(()),
+                (chosen_rewards - rejected_rewards).sum() if not kto else torch.zeros(()),
+                chosen_logps.detach().sum(), rejected_logps.detach().sum(), nll.detach(),
+            ]).double()  # fmt: skip
+            seqs += len(mb) * (1 if kto else 2)
+        if nonfinite_step(stats[0], step, dist, args.skip_nonfinite):
+            optimizer.zero_grad(set_to_none=True)
+            skipped_steps += 1
+            continue
+        grad_norm = grad_norm_clip(model, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+
+        # 6. log, evaluate, checkpoint
+        if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+            dist.all_reduce(stats)
+            s = (stats / global_batch_size).tolist()
+            metrics = {
+                "train/loss": s[0],
+                "rewards/chosen": s[1],
+                "rewards/rejected": s[2],
+                "rewards/accuracies": s[3],
+                "rewards/margins": s[4],
+                "logps/chosen": s[5],
+                "logps/rejected": s[6],
+                "train/sft_nll": s[7],
+                "train/grad_norm": grad_norm,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/skipped_steps": skipped_steps,
+                "perf/sequences_per_sec": dist.sum(seqs) / max(time.time() - t0, 1e-9),
+            }
+            if kto:  # rewards of desirable / undesirable examples; accuracies and margins do not apply
+                for key in ("rewards/accuracies", "rewards/margins", "train/sft_nll"):
+                    metrics.pop(key)
+            if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
+                metrics |= evaluate(model, evals.records, eval_ref, args, dist, tokenizer.pad_token_id, kto)
+            tracker.log(metrics, step + 1, echo=False)
+            bar.set_postfix(loss=f"{s[0]:.3f}")
+            t0, seqs = time.time(), 0
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            save(step + 1)
+        if stop.requested(dist):
+            save(step + 1)
+            tracker.print(f"{stop.signal_name}: checkpoint saved at step {step + 1} in {args.output_dir}; resume with --resume")
+            tracker.finish()
+            cleanup(dist)
+            raise SystemExit(0)
+    tracker.close_progress()
+
+    # 7. final evaluation and export
+    save(total_steps)
+    final = evaluate(model, evals.records, eval_ref, args, dist, tokenizer.pad_token_id, kto) | {"train/skipped_steps": skipped_steps}
+    if demo_eval_on:
+        result = demo_eval(model, tokenizer, dist, args.demo_eval_prompts, args.max_new_tokens)
+        tracker.table("samples", ["prompt", "response", "score"], result.pop("samples"), total_steps)
+        final |= result | {f"initial/{k}": v for k, v in initial.items()}
+    tracker.log(final, total_steps)
+    tracker.write_eval(final)
+    if initial:
+        tracker.print(
+            f"ground truth ({args.demo_eval_prompts} held-out demo prompts): score {initial['eval/score']:.3f} -> "
+            f"{final['eval/score']:.3f}, accuracy {initial['eval/accuracy']:.3f} -> {final['eval/accuracy']:.3f}"
+        )
+    tracker.print(f"saved {args.output_dir}")
+    tracker.finish()
+    cleanup(dist)

@@ -1,0 +1,355 @@
+"""Reward models: Bradley-Terry on preference pairs, or regression over N attributes (SteerLM's model).
+
+Bradley-Terry (`--objective bt`, the InstructGPT reward model, Ouyang et al. 2022, eq. 1):
+    loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - m)
+with m = the pair's `margin` field when `--use-margin` (Llama 2, Touvron et al. 2023, eq. 2) and an optional
+reward-centering term c * (r_chosen + r_rejected)^2 (Eisenstein et al. 2023) that pins the free offset of BT
+rewards near 0.
+
+Regression (`--objective regression`, SteerLM's attribute-prediction model, Dong et al. 2023): one output per
+attribute, mean squared error over the attributes a row actually has. A missing attribute contributes
+nothing to the loss (it is never a 0 label). `--attribute-weights` stores a weighting that merges the
+attributes into one scalar reward at inference (HelpSteer2 style); it is saved in the model's config.
+
+The score of a sequence is read at its last non-pad token (the end of the response), by the model itself
+(`AutoModelForSequenceClassification` pools there), so the saved directory scores identically when loaded by
+transformers alone. The head is initialised N(0, 1/sqrt(H+1)) and chosen and rejected go through one forward.
+After training, `score_mean`/`score_std` of the rewards on the held-out set are written to the config, so
+`ppo.py` can normalise rewards.
+
+Run (no flags: from out/sft on the demo task's preference pairs, ~1-2 minutes on 2 CPU cores):
+    python reward_model.py
+    python reward_model.py --objective regression --data demo      # demo attributes (SteerLM)
+    python reward_model.py --model-path Qwen/Qwen2.5-0.5B-Instruct --data Anthropic/hh-rlhf
+    torchrun --nproc_per_node 2 reward_model.py
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+
+from common import checkpoint, data
+from common.dist import autocast, cleanup, init_distributed, seed_everything, wrap_model
+from common.models import load_sequence_classifier, load_tokenizer
+from common.tracking import make_tracker
+from common.training import Schedule, StopSignal, grad_norm_clip, make_optimizer, make_scheduler, nonfinite_step
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = "reward_model"
+    """name of the run (wandb run name)"""
+    seed: int = 1
+    """seed for initialisation and data order"""
+    output_dir: str = "out/reward_model"
+    """where the model (save_pretrained), trainer_state/, metrics.jsonl and eval.json are written"""
+    resume: bool = False
+    """continue from output_dir/trainer_state"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works)"""
+    wandb_project: str = "plainalign"
+    """wandb project name"""
+
+    # --- model and data ---
+    model_path: str = "out/sft"
+    """HF directory or hub id to start from (a causal LM gets a new score head)"""
+    objective: Literal["bt", "regression"] = "bt"
+    """bt: Bradley-Terry on preference pairs; regression: MSE on N attributes (SteerLM)"""
+    data: str = "demo"
+    """bt: preference pairs (prompt/chosen/rejected or Anthropic HH); regression: attribute rows or HelpSteer columns; `demo` = the built-in task"""
+    eval_data: str | None = None
+    """held-out data; default: the last --eval-size rows of --data"""
+    eval_size: int = 512
+    """rows held out from --data when --eval-data is not given"""
+    max_seq_len: int = 128
+    """tokens of prompt + response (responses are truncated to fit)"""
+    max_prompt_len: int = 96
+    """longest prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
+    skip_bad_rows: bool = False
+    """skip (and count) malformed rows instead of stopping at the first one"""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """attention kernel of the HF model"""
+
+    # --- optimiser ---
+    learning_rate: float = 5e-4
+    """peak learning rate (AdamW)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)"""
+    lr_schedule: Schedule = "cosine"
+    """decay after warmup"""
+    warmup_steps: int = 20
+    """linear warmup steps"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0 = off)"""
+
+    # --- batch sizes (local_ = per rank) ---
+    local_micro_batch_size: int = 32
+    """pairs (bt) or rows (regression) per forward/backward on each rank"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    num_epochs: float = 1.0
+    """passes over the training data; ignored when --total-steps > 0"""
+    total_steps: int = 0
+    """optimizer steps (0 = derived from --num-epochs)"""
+
+    # --- method ---
+    use_margin: bool = True
+    """bt: subtract the row's `margin` field (when present) inside the sigmoid"""
+    center_rewards_coefficient: float = 0.0
+    """bt: weight of the (r_chosen + r_rejected)^2 centering term (0 = off; 0.01 is typical)"""
+    attribute_weights: str = ""
+    """regression: `name=w,...` to merge attributes into one reward at inference (stored in the config)"""
+
+    # --- evaluation and logging ---
+    log_every: int = 25
+    """steps between metric logs"""
+    eval_every: int = 100
+    """steps between evaluations on the held-out set (0 = only at the end)"""
+    save_every: int = 500
+    """steps between checkpoints (0 = only at the end)"""
+    skip_nonfinite: bool = False
+    """skip steps whose loss is NaN/Inf (counted) instead of stopping"""
+    activation_checkpointing: bool = False
+    """recompute activations in backward (less memory, more compute)"""
+
+
+def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, center_coef: float) -> torch.Tensor:
+    """Per-pair Bradley-Terry loss (B,): -log sigmoid(r_c - r_r - m) + c (r_c + r_r)^2."""
+    loss = -F.logsigmoid(chosen - rejected - margin)
+    if center_coef:
+        loss = loss + center_coef * (chosen + rejected) ** 2
+    return loss
+
+
+def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of squared errors over present attributes, their count); target NaN = missing (B, N)."""
+    present = ~torch.isnan(target)
+    err = torch.where(present, pred.float() - torch.nan_to_num(target), torch.zeros_like(pred, dtype=torch.float32))
+    return (err**2).sum(), present.sum()
+
+
+def scores(model, sequences: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """Scores (B, N) of right-padded sequences, read by the model at each one's last non-pad token."""
+    batch = data.collate([{"input_ids": s, "labels": s} for s in sequences], pad_id)
+    return model(**data.model_inputs(batch, model, device)).logits.float()
+
+
+def parse_weights(spec: str, names: list[str]) -> list[float] | None:
+    if not spec:
+        return None
+    weights = dict.fromkeys(names, 0.0)
+    for item in spec.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in weights:
+            raise ValueError(f"--attribute-weights: unknown attribute {name.strip()!r} (have {names})")
+        weights[name.strip()] = float(value)
+    return [weights[n] for n in names]
+
+
+@torch.no_grad()
+def evaluate(model, items: list[dict], args: Args, dist, pad_id: int, names: list[str]) -> tuple[dict, torch.Tensor]:
+    """bt: eval/accuracy (chosen scored higher), eval/margin, eval/loss; regression: per-attribute MAE/RMSE.
+
+    Also returns this rank's scores of every held-out response, for the reward statistics.
+    """
+    model.eval()
+    n = len(items) - len(items) % dist.world_size
+    local = dist.shard(items[:n])
+    all_scores = []
+    if args.objective == "bt":
+        total = torch.zeros(4, dtype=torch.float64, device=dist.device)  # correct, margin, loss, count
+        for mb in data.micro_batches(local, args.local_micro_batch_size):
+            with autocast(dist):
+                r = scores(model, [e["chosen"] for e in mb] + [e["rejected"] for e in mb], pad_id, dist.device)[:, 0]
+            rc, rr = r[: len(mb)], r[len(mb) :]
+            total += torch.stack([(rc > rr).sum(), (rc - rr).sum(), -F.logsigmoid(rc - rr).sum(), torch.tensor(len(mb))]).double()
+            all_scores.append(r)
+        dist.all_reduce(total)
+        metrics = {"eval/accuracy": total[0] / total[3], "eval/margin": total[1] / total[3], "eval/loss": total[2] / total[3]}
+    else:
+        err = torch.zeros(3, len(names), dtype=torch.float64, device=dist.device)  # |e|, e^2, count
+        for mb in data.micro_batches(local, args.local_micro_batch_size):
+            with autocast(dist):
+                pred = scores(model, [e["input_ids"] for e in mb], pad_id, dist.device)
+            target = torch.tensor([e["target"] for e in mb], device=dist.device)
+            present = ~torch.isnan(target)
+            diff = torch.where(present, pred - torch.nan_to_num(target), 0.0).double()
+            err += torch.stack([diff.abs().sum(0), (diff**2).sum(0), present.sum(0).double()])
+            all_scores.append(pred)
+        dist.all_reduce(err)
+        count = err[2].clamp(min=1)
+        metrics = {"eval/loss": (err[1].sum() / count.sum())}
+        for k, name in enumerate(names):
+            metrics[f"eval/mae/{name}"] = err[0, k] / count[k]
+            metrics[f"eval/rmse/{name}"] = (err[1, k] / count[k]).sqrt()
+    model.train()
+    return {k: float(v) for k, v in metrics.items()}, torch.cat(all_scores)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    dist = init_distributed()
+    seed_everything(args.seed)
+    stop = StopSignal()
+    tokenizer = load_tokenizer(args.model_path)
+
+    # 1. data: pairs (bt) or attribute rows (regression); errors name file, row and field
+    kind, parse = ("preference", data.parse_preference) if args.objective == "bt" else ("attributes", data.parse_attributes)
+    data_path = data.resolve_data_path(args.data, kind, dist)
+    parsed, eval_parsed, eval_source = data.load_train_eval(data_path, args.eval_data, args.eval_size, parse, args.skip_bad_rows)
+    names: list[str] = []
+    if args.objective == "regression":  # attribute order: first seen; the model's outputs follow it
+        for r in parsed.records:
+            names += [n for n in r["attributes"] if n not in names]
+
+    def tok(record, context):
+        if args.objective == "bt":
+            t = data.tokenize_pair(tokenizer, record, args.max_seq_len, args.max_prompt_len, context)
+            margin = record["margin"] if args.use_margin and record["margin"] is not None else 0.0
+            return {"chosen": t["prompt_ids"] + t["chosen_ids"], "rejected": t["prompt_ids"] + t["rejected_ids"], "margin": margin}
+        ids, _ = data.tokenize_conversation(tokenizer, record["messages"], context)
+        if len(ids) > args.max_seq_len:
+            raise data.DataError(f"{context}: {len(ids)} tokens, over --max-seq-len {args.max_seq_len}")
+        target = [math.nan if record["attributes"].get(n) is None else record["attributes"][n] for n in names]
+        return {"input_ids": ids, "target": target}
+
+    train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
+    evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
+
+    # 2. model: a sequence classifier with 1 (bt) or N (regression) outputs
+    num_labels = 1 if args.objective == "bt" else len(names)
+    from transformers import AutoConfig
+
+    fresh_head = not getattr(AutoConfig.from_pretrained(args.model_path), "plainalign_reward_model", False)
+    model = load_sequence_classifier(
+        args.model_path, dist.device, num_labels, attn_implementation=args.attn_implementation,
+        pad_token_id=tokenizer.pad_token_id, init_head=fresh_head and not args.resume,
+    )  # fmt: skip
+    model = wrap_model(model, dist, activation_checkpointing=args.activation_checkpointing)
+
+    # 3. batch sizes, optimiser, schedule, resume
+    global_batch_size = args.local_micro_batch_size * args.gradient_accumulation_steps * dist.world_size
+    per_epoch = data.steps_per_epoch(len(train.records), global_batch_size)
+    total_steps = args.total_steps or max(1, int(args.num_epochs * per_epoch))
+    optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)
+    scheduler = make_scheduler(optimizer, args.lr_schedule, args.warmup_steps, total_steps)
+    start_step, skipped_steps = 0, 0
+    if args.resume:
+        state = checkpoint.load_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer})
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, skipped_steps = state["step"], state["skipped_steps"]
+    tracker = make_tracker(dist, args.output_dir, args, args.track, args.wandb_project, start_step if args.resume else -1)
+    tracker.print(f"resolved args: {args}")
+    tracker.print(
+        f"world_size={dist.world_size} global_batch_size={global_batch_size} total_steps={total_steps} "
+        f"train={len(train.records)} eval={len(evals.records)} skipped_rows={parsed.skipped + train.skipped} "
+        f"attributes={names or None} start_step={start_step}"
+    )
+    for err in (parsed.errors + train.errors)[:5]:
+        tracker.print(f"skipped: {err}")
+
+    def save(step: int, extra_config: dict | None = None) -> None:
+        extra = {"step": step, "scheduler": scheduler.state_dict(), "skipped_steps": skipped_steps}
+        checkpoint.save_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer}, extra)
+        config = {"plainalign_reward_model": True, "objective": args.objective} | (extra_config or {})
+        if names:
+            config |= {"attribute_names": names, "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+            config["attribute_weights"] = parse_weights(args.attribute_weights, names)
+        checkpoint.export_pretrained(model, tokenizer, args.output_dir, dist, config)
+
+    # 4. training loop
+    model.train()
+    bar = tracker.progress(total_steps, start_step, "reward_model")
+    t0, seqs = time.time(), 0
+    for step in range(start_step, total_steps):
+        idx = dist.shard(data.step_indices(len(train.records), global_batch_size, step, args.seed))
+        local = [train.records[i] for i in idx]
+        if args.objective == "bt":
+            denom = global_batch_size / dist.world_size  # mean over the global batch's pairs; FSDP averages ranks
+        else:
+            denom = dist.sum(sum(sum(not math.isnan(t) for t in e["target"]) for e in local)) / dist.world_size
+        loss_sum = torch.zeros((), device=dist.device)
+        stats = torch.zeros(3, device=dist.device)  # accuracy, margin, mean reward (summed over pairs)
+        micro = data.micro_batches(local, args.local_micro_batch_size)
+        for k, mb in enumerate(micro):
+            if dist.enabled:
+                model.set_requires_gradient_sync(k == len(micro) - 1)
+            with autocast(dist):
+                if args.objective == "bt":
+                    r = scores(model, [e["chosen"] for e in mb] + [e["rejected"] for e in mb], tokenizer.pad_token_id, dist.device)[:, 0]
+                    rc, rr = r[: len(mb)], r[len(mb) :]
+                    margin = torch.tensor([e["margin"] for e in mb], device=dist.device)
+                    mb_loss = bt_loss(rc, rr, margin, args.center_rewards_coefficient).sum()
+                    stats += torch.stack([(rc > rr).float().sum(), (rc - rr).sum(), (rc + rr).sum() / 2]).detach()
+                else:
+                    pred = scores(model, [e["input_ids"] for e in mb], tokenizer.pad_token_id, dist.device)
+                    mb_loss, _ = regression_loss(pred, torch.tensor([e["target"] for e in mb], device=dist.device))
+            (mb_loss / denom).backward()
+            loss_sum += mb_loss.detach()
+            seqs += len(mb) * (2 if args.objective == "bt" else 1)
+        if nonfinite_step(loss_sum, step, dist, args.skip_nonfinite):
+            optimizer.zero_grad(set_to_none=True)
+            skipped_steps += 1
+            continue
+        grad_norm = grad_norm_clip(model, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+
+        # 5. log, evaluate, checkpoint
+        if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+            dist.all_reduce(stats)
+            total_loss = dist.sum(loss_sum.item())
+            metrics = {
+                "train/loss": total_loss / (global_batch_size if args.objective == "bt" else denom * dist.world_size),
+                "train/grad_norm": grad_norm,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/skipped_steps": skipped_steps,
+                "perf/sequences_per_sec": dist.sum(seqs) / max(time.time() - t0, 1e-9),
+            }
+            if args.objective == "bt":
+                metrics |= {
+                    "train/accuracy": stats[0].item() / global_batch_size,
+                    "train/margin": stats[1].item() / global_batch_size,
+                    "train/reward_mean": stats[2].item() / global_batch_size,
+                }
+            if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
+                metrics |= evaluate(model, evals.records, args, dist, tokenizer.pad_token_id, names)[0]
+            tracker.log(metrics, step + 1, echo=False)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+            t0, seqs = time.time(), 0
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            save(step + 1)
+        if stop.requested(dist):
+            save(step + 1)
+            tracker.print(f"{stop.signal_name}: checkpoint saved at step {step + 1} in {args.output_dir}; resume with --resume")
+            tracker.finish()
+            cleanup(dist)
+            raise SystemExit(0)
+    tracker.close_progress()
+
+    # 6. final evaluation; reward statistics of the held-out responses go into the config for ppo.py
+    final, held_out = evaluate(model, evals.records, args, dist, tokenizer.pad_token_id, names)
+    gathered = torch.cat([torch.as_tensor(s) for s in dist.all_gather_object(held_out.cpu())])  # (M, N)
+    mean, std = gathered.mean(0), gathered.std(0)
+    stats_config = {"score_mean": mean.tolist(), "score_std": std.tolist()}
+    if args.objective == "bt":
+        stats_config = {"score_mean": mean.item(), "score_std": std.item()}
+    final |= {"train/skipped_steps": skipped_steps} | {f"reward/{k}": v for k, v in stats_config.items()}
+    save(total_steps, stats_config)
+    tracker.log(final, total_steps)
+    tracker.write_eval(final)
+    if args.objective == "bt":
+        tracker.print(f"held-out pairwise accuracy {final['eval/accuracy']:.3f}, mean margin {final['eval/margin']:.3f}")
+    tracker.print(f"saved {args.output_dir}")
+    tracker.finish()
+    cleanup(dist)

@@ -1,0 +1,119 @@
+"""reward_model.py: BT and margin losses by hand, masked regression, padding invariance, the saved model
+round-trips through transformers, malformed rows, smoke runs (bt, regression), torchrun parity."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import reward_model as rm
+from common import data, demo_task
+from conftest import run_script
+
+
+def test_bt_loss_by_hand():
+    """r_c = 1, r_r = 0: -log sigmoid(1) = log(1 + e^-1) = 0.3132617. Margin 0.5: log(1 + e^-0.5) = 0.4740770.
+    Centering 0.01 x (1 + 0)^2 adds 0.01."""
+    c, r = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.0, 0.0, 0.0])
+    plain = rm.bt_loss(c, r, torch.tensor([0.0, 0.5, 0.0]), 0.0)
+    assert plain.tolist() == pytest.approx([0.3132617, 0.4740770, 0.3132617], abs=1e-6)
+    centered = rm.bt_loss(c, r, torch.zeros(3), 0.01)
+    assert centered.tolist() == pytest.approx([0.3232617] * 3, abs=1e-6)
+
+
+def test_regression_loss_ignores_missing_attributes():
+    """pred [[1, 2], [3, 4]], target [[1.5, nan], [nan, 2]]: (1 - 1.5)^2 + (4 - 2)^2 = 4.25 over 2 labels.
+    A missing value treated as 0 would add 2^2 + 3^2 = 13."""
+    pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    total, count = rm.regression_loss(pred, torch.tensor([[1.5, math.nan], [math.nan, 2.0]]))
+    assert total.item() == pytest.approx(4.25) and count.item() == 2
+    total.backward()
+    assert pred.grad.tolist() == [[-1.0, 0.0], [0.0, 4.0]]  # no gradient into missing attributes
+
+
+def test_parse_weights():
+    assert rm.parse_weights("verbosity=-1,correctness=2", ["correctness", "verbosity", "politeness"]) == [2.0, -1.0, 0.0]
+    assert rm.parse_weights("", ["a"]) is None
+    with pytest.raises(ValueError, match="unknown attribute 'x'"):
+        rm.parse_weights("x=1", ["a"])
+
+
+def test_score_is_invariant_to_padding_amount_and_side(demo_base, tokenizer):
+    from common.models import load_sequence_classifier
+
+    model = load_sequence_classifier(str(demo_base), torch.device("cpu"), 1, pad_token_id=tokenizer.pad_token_id, init_head=True).eval()
+    pad = tokenizer.pad_token_id
+    seq = data.render(tokenizer, [{"role": "user", "content": "Add 4 and 4."}, {"role": "assistant", "content": "The answer is 8."}])
+    longer = data.render(tokenizer, [{"role": "user", "content": "What is 12 + 13?"}, {"role": "assistant", "content": "Sure! Happy to help. The answer is 25."}])
+    with torch.no_grad():
+        alone = rm.scores(model, [seq], pad, torch.device("cpu"))[0, 0]
+        right = rm.scores(model, [seq, longer], pad, torch.device("cpu"))[0, 0]  # right-padded next to a longer one
+        left = data.collate([{"input_ids": seq, "labels": seq}, {"input_ids": longer, "labels": longer}], pad, side="left")
+        left_score = model(**data.model_inputs(left, model, torch.device("cpu"))).logits[0, 0]
+    assert len(longer) > len(seq) + 3
+    assert torch.allclose(alone, right, atol=1e-5) and torch.allclose(alone, left_score, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def rm_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm_data")
+    return {
+        "pairs": demo_task.write_jsonl(demo_task.preference_rows(seed=4, n=300), root / "pairs.jsonl"),
+        "attributes": demo_task.write_jsonl(demo_task.attribute_rows(seed=4, n=300), root / "attrs.jsonl"),
+    }
+
+
+COMMON = ["--total-steps", "4", "--log-every", "1", "--eval-every", "0", "--save-every", "0", "--eval-size", "32",
+          "--local-micro-batch-size", "8", "--warmup-steps", "1"]  # fmt: skip
+
+
+def losses(out):
+    return [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+
+
+def test_bt_smoke_and_round_trip_through_transformers(demo_base, rm_data, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_script("reward_model.py", "--model-path", str(demo_base), "--data", str(rm_data["pairs"]), "--output-dir", str(tmp_path), *COMMON)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert {"eval/accuracy", "eval/margin", "reward/score_mean", "reward/score_std"} <= set(result)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    assert model.config.score_std == pytest.approx(result["reward/score_std"])
+    seqs = [data.render(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": a}]) for p, a in
+            [("Add 4 and 4.", "8"), ("Which is larger, 12 or 31?", "Sure! The answer is 31. Hope this helps.")]]  # fmt: skip
+    with torch.no_grad():
+        ours = rm.scores(model, seqs, tok.pad_token_id, torch.device("cpu"))[:, 0]
+        plain = torch.stack([model(torch.tensor([s])).logits[0, 0] for s in seqs])  # transformers alone, no padding
+    assert torch.allclose(ours, plain, atol=1e-5)
+
+
+def test_regression_smoke_saves_attribute_names(demo_base, rm_data, tmp_path):
+    from transformers import AutoConfig
+
+    run_script("reward_model.py", "--model-path", str(demo_base), "--data", str(rm_data["attributes"]), "--output-dir", str(tmp_path),
+               "--objective", "regression", "--attribute-weights", "correctness=1,verbosity=-0.25", *COMMON)  # fmt: skip
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.num_labels == 3 and config.attribute_names == ["correctness", "verbosity", "politeness"]
+    assert config.attribute_weights == [1.0, -0.25, 0.0] and len(config.score_mean) == 3
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert {"eval/mae/verbosity", "eval/rmse/politeness", "eval/loss"} <= set(result)
+
+
+def test_malformed_rows_name_file_row_field(demo_base, tmp_path):
+    good = {"prompt": "Add 2 and 2.", "chosen": "4", "rejected": "5"}
+    path = demo_task.write_jsonl([good] * 45 + [{"prompt": "Add 2 and 2.", "chosen": "4"}], tmp_path / "bad.jsonl")
+    proc = run_script("reward_model.py", "--model-path", str(demo_base), "--data", str(path), "--output-dir", str(tmp_path / "o"),
+                      *COMMON, check=False)  # fmt: skip
+    assert proc.returncode != 0 and f"{path}: row 46, field 'rejected': missing" in proc.stderr
+
+
+def test_torchrun_two_processes_match_one(demo_base, rm_data, tmp_path):
+    args = ["--model-path", str(demo_base), "--data", str(rm_data["pairs"]), *COMMON]
+    run_script("reward_model.py", *args, "--output-dir", str(tmp_path / "one"), "--local-micro-batch-size", "16")
+    run_script("reward_model.py", *args, "--output-dir", str(tmp_path / "two"), "--local-micro-batch-size", "8", nproc=2)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-6)
