@@ -4,16 +4,16 @@ Every method in PlainAlign is measured on this task, so that "alignment worked" 
 more questions correctly and more concisely", graded by a program, not "the loss went down".
 
 Four task families, each with an exact answer:
-    add      "What is 47 + 85?"                                  -> "132"
+    add      "What is 47 + 8?"                                   -> "55"
     compare  "Which is larger, 318 or 381?"                      -> "381"
     reverse  "Reverse the letters: t r a p"                      -> "p a r t"
     count    "How many times does the letter a appear in b a n a n a?" -> "3"
 
 Each answer can be written in 5 verbosity levels x 5 politeness levels, correctly or wrongly:
-    verbosity 0  "132"
-    verbosity 1  "The answer is 132."
-    verbosity 2  "47 plus 85 makes 132. The answer is 132."
-    verbosity 3  "Let me work this out. 47 plus 85 makes 132. The answer is 132."
+    verbosity 0  "55"
+    verbosity 1  "The answer is 55."
+    verbosity 2  "47 plus 8 makes 55. The answer is 55."
+    verbosity 3  "Let me work this out. 47 plus 8 makes 55. The answer is 55."
     verbosity 4  "Let me work this out step by step. ... I checked this carefully, so I am confident. The answer ..."
     politeness k adds the first k of the markers POLITE_MARKERS ("Sure!", "Happy to help.", ...).
 
@@ -86,7 +86,7 @@ def make_problem(rng: random.Random) -> Problem:
     task = rng.choice(TASKS)
     template = rng.choice(_PROMPTS[task])
     if task == "add":
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        a, b = rng.randint(10, 99), rng.randint(1, 9)  # two digits + one: hard enough, learnable at this size
         fields, answer = {"a": a, "b": b}, str(a + b)
     elif task == "compare":
         a, b = rng.sample(range(10, 1000), 2)
@@ -254,7 +254,7 @@ def attribute_rows(seed: int = 0, n: int = 20_000, wrong_fraction: float = 0.25)
     return rows
 
 
-def preference_rows(seed: int = 0, n: int = 10_000, wrong_fraction: float = 0.5) -> list[dict]:
+def preference_rows(seed: int = 0, n: int = 20_000, wrong_fraction: float = 0.5) -> list[dict]:
     """Pairs of two answers to one prompt, chosen = higher hidden utility (ties are redrawn).
 
     `chosen_reward`/`rejected_reward` are the utilities themselves, for reward-aware losses (RPO).

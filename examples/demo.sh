@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole pipeline on the built-in demo task (behind `make demo`): SFT -> reward model -> PPO, DPO, SPIN,
+# SteerLM, then one table grading every model the same way (examples/results.py). Every stage uses its
+# defaults, which point at the demo task and at the previous stage's output; seeds are fixed.
+# Run from the repository root with the project's Python on PATH (`make demo` does both).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TOKENIZERS_PARALLELISM=false
+mkdir -p out
+timings=out/timings.json
+[ -f "$timings" ] || echo '{}' > "$timings"
+
+stage() {  # stage NAME COMMAND...: run one stage, record its wall time in out/timings.json
+  local name=$1; shift
+  echo "=== $name: $* ==="
+  local start=$SECONDS
+  "$@"
+  python - "$timings" "$name" $((SECONDS - start)) <<'PY'
+import json, sys
+path, name, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+timings = json.load(open(path))
+timings[name] = seconds
+json.dump(timings, open(path, "w"), indent=2)
+PY
+}
+
+stage sft python sft.py
+stage reward_model python reward_model.py
+stage ppo python ppo.py --eval-every 10
+stage dpo python dpo.py
+stage spin python spin.py
+stage steerlm python steerlm.py
+python examples/results.py
