@@ -204,13 +204,19 @@ def utility(prompt: str, response: str) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _problems(seed: int, n: int, exclude: set[str] = frozenset()) -> list[Problem]:
-    rng, out, seen = random.Random(seed), [], set(exclude)
+def _problems(seed: int, n: int, exclude: frozenset[str] = frozenset(), distinct: bool = False) -> list[Problem]:
+    """n problems from `seed`, none of whose prompts is in `exclude`; `distinct` also forbids repeats.
+
+    Training sets may repeat a prompt (with another answer): forbidding it would exhaust the small `add`
+    family and skew the task mix. Evaluation prompts are distinct, and excluded from every training set.
+    """
+    rng, out, seen = random.Random(seed), [], set()
     while len(out) < n:
         p = make_problem(rng)
-        if p.prompt not in seen:  # distinct prompts, so held-out really is held out
-            seen.add(p.prompt)
-            out.append(p)
+        if p.prompt in exclude or (distinct and p.prompt in seen):
+            continue
+        seen.add(p.prompt)
+        out.append(p)
     return out
 
 
@@ -218,11 +224,14 @@ EVAL_SEED = 10_000  # evaluation prompts come from their own stream and are excl
 
 
 def eval_prompts(n: int = 256) -> list[str]:
-    return [p.prompt for p in _problems(EVAL_SEED, n)]
+    return [p.prompt for p in _problems(EVAL_SEED, n, distinct=True)]
+
+
+_EVAL_EXCLUDED = frozenset(eval_prompts(1024))  # every evaluation uses a prefix of these 1024 prompts
 
 
 def _train_problems(seed: int, n: int) -> list[Problem]:
-    return _problems(seed, n, exclude=set(eval_prompts(1024)))
+    return _problems(seed, n, exclude=_EVAL_EXCLUDED)
 
 
 def _style(rng: random.Random, wrong_fraction: float) -> tuple[bool, int, int]:
@@ -305,7 +314,7 @@ def all_texts(seed: int = 0, n: int = 4000) -> list[str]:
     """Text covering every prompt and response style, to train the demo tokenizer on."""
     rng = random.Random(seed + 4)
     texts = []
-    for p in _problems(seed + 5, n):
+    for p in _problems(seed + 5, n, distinct=True):
         v, k = rng.randint(0, 4), rng.randint(0, 4)
         texts += [p.prompt, write_response(p, p.answer, v, k), write_response(p, wrong_answer(p, rng), v, k)]
     return texts
