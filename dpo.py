@@ -233,7 +233,12 @@ def kto_loss(
 
 
 def sequence_logprobs(
-    model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device, average: bool = False
+    model,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    device: torch.device,
+    average: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed (or mean) log-prob of each response given its prompt (B,), and response lengths (B,).
 
@@ -250,7 +255,9 @@ def sequence_logprobs(
     return (total / lengths.clamp(min=1) if average else total), lengths
 
 
-def pair_logprobs(model, items: list[dict], pad_id: int, device, average: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_logprobs(
+    model, items: list[dict], pad_id: int, device, average: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen, rejected) log-probs of pairs in one forward (chosen rows first), and chosen lengths."""
     prompts = [e["prompt_ids"] for e in items] * 2
     responses = [e["chosen_ids"] for e in items] + [e["rejected_ids"] for e in items]
@@ -261,7 +268,9 @@ def pair_logprobs(model, items: list[dict], pad_id: int, device, average: bool) 
 def item_logprobs(model, items: list[dict], pad_id: int, device, average: bool, kto: bool):
     """(B, 2) log-probs of (chosen, rejected), or (B, 1) of the completion for KTO."""
     if kto:
-        logps, _ = sequence_logprobs(model, [e["prompt_ids"] for e in items], [e["completion_ids"] for e in items], pad_id, device, average)
+        logps, _ = sequence_logprobs(
+            model, [e["prompt_ids"] for e in items], [e["completion_ids"] for e in items], pad_id, device, average
+        )
         return logps[:, None]
     chosen, rejected, _ = pair_logprobs(model, items, pad_id, device, average)
     return torch.stack([chosen, rejected], dim=-1)
@@ -308,17 +317,26 @@ def evaluate(model, items: list[dict], ref_logps: torch.Tensor, args: Args, dist
     for k, mb in enumerate(data.micro_batches(local, args.local_micro_batch_size)):
         ref = local_ref[k * args.local_micro_batch_size : k * args.local_micro_batch_size + len(mb)].to(dist.device)
         with autocast(dist):
-            pol = item_logprobs(model, mb, pad_id, dist.device, args.average_logprobs or args.loss_type == "simpo", kto).float()
+            pol = item_logprobs(
+                model, mb, pad_id, dist.device, args.average_logprobs or args.loss_type == "simpo", kto
+            ).float()
         if kto:
             desirable = torch.tensor([e["label"] for e in mb], device=dist.device)
             losses, rewards, _ = kto_loss(pol[:, 0], ref[:, 0], desirable, args.beta)
             rc, rr = rewards[desirable], rewards[~desirable]
-            total += torch.tensor([losses.sum(), rc.sum(), rr.sum(), len(rc), len(rr), len(mb)], dtype=torch.float64, device=dist.device)
+            total += torch.tensor(
+                [losses.sum(), rc.sum(), rr.sum(), len(rc), len(rr), len(mb)], dtype=torch.float64, device=dist.device
+            )
             continue
-        data_r = [torch.tensor([e[k] for e in mb], device=dist.device) if mb[0][k] is not None else None for k in ("chosen_reward", "rejected_reward")]
+        data_r = [
+            torch.tensor([e[k] for e in mb], device=dist.device) if mb[0][k] is not None else None
+            for k in ("chosen_reward", "rejected_reward")
+        ]
         losses, rc, rr = preference_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], args.loss_type, args.beta,
                                          args.label_smoothing, args.simpo_gamma, *data_r, args.rpo_eta)  # fmt: skip
-        total += torch.stack([losses.sum(), rc.sum(), rr.sum(), (rc > rr).sum(), (rc - rr).sum(), torch.tensor(len(mb))]).double()
+        total += torch.stack(
+            [losses.sum(), rc.sum(), rr.sum(), (rc > rr).sum(), (rc - rr).sum(), torch.tensor(len(mb))]
+        ).double()
     dist.all_reduce(total)
     model.train()
     if kto:
@@ -350,18 +368,26 @@ if __name__ == "__main__":
     ref_path = args.ref_model_path or args.model_path
     ref_model = None
     if uses_ref:
-        ref_model = wrap_model(load_causal_lm(ref_path, dist.device, attn_implementation=args.attn_implementation), dist, trainable=False)
+        ref_model = wrap_model(
+            load_causal_lm(ref_path, dist.device, attn_implementation=args.attn_implementation), dist, trainable=False
+        )
 
     # 2. data: pairs (or KTO rows); errors name file, row and field
     kind, parse = ("kto", data.parse_kto) if kto else ("preference", data.parse_preference)
     data_path = data.resolve_data_path(args.data, kind, dist)
-    parsed, eval_parsed, eval_source = data.load_train_eval(data_path, args.eval_data, args.eval_size, parse, args.skip_bad_rows)
+    parsed, eval_parsed, eval_source = data.load_train_eval(
+        data_path, args.eval_data, args.eval_size, parse, args.skip_bad_rows
+    )
 
     def tok(record, context):
         if kto:
             prompt_ids = data.tokenize_prompt(tokenizer, record["prompt"], args.max_prompt_len, context)
             completion = data.tokenize_response(tokenizer, record["prompt"], prompt_ids, record["completion"], context)
-            return {"prompt_ids": prompt_ids, "completion_ids": completion[: args.max_seq_len - len(prompt_ids)], "label": record["label"]}
+            return {
+                "prompt_ids": prompt_ids,
+                "completion_ids": completion[: args.max_seq_len - len(prompt_ids)],
+                "label": record["label"],
+            }
         if args.loss_type.startswith("rpo") and (record["chosen_reward"] is None or record["rejected_reward"] is None):
             missing = "chosen_reward" if record["chosen_reward"] is None else "rejected_reward"
             raise data.DataError(f"{context}, field '{missing}': missing ({args.loss_type} needs per-response rewards)")
@@ -398,7 +424,9 @@ if __name__ == "__main__":
         state = checkpoint.load_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer})
         scheduler.load_state_dict(state["scheduler"])
         start_step, skipped_steps, initial = state["step"], state["skipped_steps"], state["initial"]
-    tracker = make_tracker(dist, args.output_dir, args, args.track, args.wandb_project, start_step if args.resume else -1)
+    tracker = make_tracker(
+        dist, args.output_dir, args, args.track, args.wandb_project, start_step if args.resume else -1
+    )
     tracker.print(f"resolved args: {args}")
     tracker.print(
         f"world_size={dist.world_size} global_batch_size={global_batch_size} total_steps={total_steps} "
@@ -453,7 +481,9 @@ if __name__ == "__main__":
                     chosen_logps, rejected_logps = logps[desirable].detach(), logps[~desirable].detach()
                     nll = torch.zeros((), device=dist.device)
                 else:
-                    chosen_logps, rejected_logps, chosen_len = pair_logprobs(model, mb, tokenizer.pad_token_id, dist.device, average)
+                    chosen_logps, rejected_logps, chosen_len = pair_logprobs(
+                        model, mb, tokenizer.pad_token_id, dist.device, average
+                    )
                     data_r = [torch.tensor([e[f] for e in mb], device=dist.device) if mb[0][f] is not None else None
                               for f in ("chosen_reward", "rejected_reward")]  # fmt: skip
                     losses, chosen_rewards, rejected_rewards = preference_loss(
@@ -513,7 +543,9 @@ if __name__ == "__main__":
             save(step + 1)
         if stop.requested(dist):
             save(step + 1)
-            tracker.print(f"{stop.signal_name}: checkpoint saved at step {step + 1} in {args.output_dir}; resume with --resume")
+            tracker.print(
+                f"{stop.signal_name}: checkpoint saved at step {step + 1} in {args.output_dir}; resume with --resume"
+            )
             tracker.finish()
             cleanup(dist)
             raise SystemExit(0)
@@ -521,7 +553,9 @@ if __name__ == "__main__":
 
     # 7. final evaluation and export
     save(total_steps)
-    final = evaluate(model, evals.records, eval_ref, args, dist, tokenizer.pad_token_id, kto) | {"train/skipped_steps": skipped_steps}
+    final = evaluate(model, evals.records, eval_ref, args, dist, tokenizer.pad_token_id, kto) | {
+        "train/skipped_steps": skipped_steps
+    }
     if demo_eval_on:
         result = demo_eval(model, tokenizer, dist, args.demo_eval_prompts, args.max_new_tokens)
         tracker.table("samples", ["prompt", "response", "score"], result.pop("samples"), total_steps)

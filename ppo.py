@@ -202,7 +202,9 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tup
     return torch.where(mask, responses, torch.full_like(responses, pad_id)), mask
 
 
-def penalize_missing_eos(scores: torch.Tensor, responses: torch.Tensor, eos_id: int, penalty: float | None) -> torch.Tensor:
+def penalize_missing_eos(
+    scores: torch.Tensor, responses: torch.Tensor, eos_id: int, penalty: float | None
+) -> torch.Tensor:
     """Subtract `penalty` from the score of every response without an EOS (it ran out of tokens) (B,)."""
     if penalty is None:
         return scores
@@ -274,7 +276,11 @@ def sequence_inputs(queries: torch.Tensor, responses: torch.Tensor, pad_id: int)
     """Model inputs for left-padded queries (B, P) followed by right-padded responses (B, T)."""
     input_ids = torch.cat([queries, responses], dim=1)  # (B, P+T)
     attention_mask = (input_ids != pad_id).long()
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": data.position_ids_from_mask(attention_mask)}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": data.position_ids_from_mask(attention_mask),
+    }
 
 
 def response_logprobs(model, queries, responses, pad_id: int, temperature: float, with_entropy: bool = False):
@@ -317,8 +323,12 @@ if __name__ == "__main__":
     generator = sampling_generator(args.seed, dist)
 
     # batch sizes, in the vocabulary of STYLE.md
-    local_mini_batch_size = exact_div(args.local_rollout_batch_size, args.num_minibatches, "--local-rollout-batch-size / --num-minibatches")
-    local_micro_batch_size = exact_div(local_mini_batch_size, args.gradient_accumulation_steps, "local mini batch / --gradient-accumulation-steps")
+    local_mini_batch_size = exact_div(
+        args.local_rollout_batch_size, args.num_minibatches, "--local-rollout-batch-size / --num-minibatches"
+    )
+    local_micro_batch_size = exact_div(
+        local_mini_batch_size, args.gradient_accumulation_steps, "local mini batch / --gradient-accumulation-steps"
+    )
     rollout_batch_size = args.local_rollout_batch_size * dist.world_size
     num_updates = max(1, args.total_episodes // rollout_batch_size)
     optimizer_steps = num_updates * args.ppo_epochs * args.num_minibatches
@@ -327,7 +337,11 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.model_path, padding_side="left")
     policy = wrap_model(load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation),
                         dist, activation_checkpointing=args.activation_checkpointing)  # fmt: skip
-    ref_policy = wrap_model(load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation), dist, trainable=False)
+    ref_policy = wrap_model(
+        load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation),
+        dist,
+        trainable=False,
+    )
     rm_config = AutoConfig.from_pretrained(args.reward_model_path)
     if rm_config.num_labels != 1:
         raise ValueError(f"{args.reward_model_path}: a reward model with {rm_config.num_labels} outputs; PPO needs 1")
@@ -351,7 +365,11 @@ if __name__ == "__main__":
     value_opt = make_optimizer(value_model, args.value_learning_rate, args.weight_decay)
     policy_sched = make_scheduler(policy_opt, args.lr_schedule, args.warmup_steps, optimizer_steps)
     value_sched = make_scheduler(value_opt, args.lr_schedule, args.warmup_steps, optimizer_steps)
-    kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.adaptive_kl else FixedKLController(args.kl_coef)
+    kl_ctl = (
+        AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
+        if args.adaptive_kl
+        else FixedKLController(args.kl_coef)
+    )
     models, optimizers = {"policy": policy, "value": value_model}, {"policy": policy_opt, "value": value_opt}
     start_update, skipped_updates, initial = 0, 0, {}
     if args.resume:
@@ -360,7 +378,9 @@ if __name__ == "__main__":
         value_sched.load_state_dict(state["value_scheduler"])
         kl_ctl.value = state["kl_coef"]
         start_update, skipped_updates, initial = state["step"], state["skipped_updates"], state["initial"]
-    tracker = make_tracker(dist, args.output_dir, args, args.track, args.wandb_project, start_update if args.resume else -1)
+    tracker = make_tracker(
+        dist, args.output_dir, args, args.track, args.wandb_project, start_update if args.resume else -1
+    )
     tracker.print(f"resolved args: {args}")
     tracker.print(
         f"world_size={dist.world_size} rollout_batch_size={rollout_batch_size} local_mini_batch_size={local_mini_batch_size} "
@@ -394,7 +414,9 @@ if __name__ == "__main__":
                                  max_new_tokens=args.response_length, dist=dist, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, generator=generator)  # fmt: skip
         queries = data.pad(query_list, tokenizer.pad_token_id, side="left").to(dist.device)  # (B, P)
-        responses = data.pad(response_list, tokenizer.pad_token_id, side="right", length=args.response_length).to(dist.device)  # (B, T)
+        responses = data.pad(response_list, tokenizer.pad_token_id, side="right", length=args.response_length).to(
+            dist.device
+        )  # (B, T)
         responses, mask = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
         mask = mask.float()
         contains_eos = (responses == tokenizer.eos_token_id).any(-1)
@@ -411,7 +433,9 @@ if __name__ == "__main__":
                 lp, ent = response_logprobs(policy, q, r, tokenizer.pad_token_id, args.temperature, with_entropy=True)
                 old_logprobs.append(lp.float())
                 old_entropy.append(ent.float())
-                ref_logprobs.append(response_logprobs(ref_policy, q, r, tokenizer.pad_token_id, args.temperature).float())
+                ref_logprobs.append(
+                    response_logprobs(ref_policy, q, r, tokenizer.pad_token_id, args.temperature).float()
+                )
                 old_values.append(per_token_scores(value_model, q, r, tokenizer.pad_token_id)[0])
                 scores.append(per_token_scores(reward_model, q, r, tokenizer.pad_token_id)[1])
             old_logprobs, old_entropy = torch.cat(old_logprobs), torch.cat(old_entropy)  # (B, T)
@@ -437,9 +461,11 @@ if __name__ == "__main__":
 
         # 5. PPO epochs over minibatches, with gradient accumulation
         t_train = time.time()
-        stats = torch.zeros(6, dtype=torch.float64, device=dist.device)  # approxkl, clipfrac, pg loss, vf loss, vf clipfrac, count
+        stats = torch.zeros(
+            6, dtype=torch.float64, device=dist.device
+        )  # approxkl, clipfrac, pg loss, vf loss, vf clipfrac, count
         nonfinite = False
-        for epoch in range(args.ppo_epochs):
+        for _epoch in range(args.ppo_epochs):
             order = torch.randperm(len(idx), generator=generator, device=dist.device).tolist()
             for mb_start in range(0, len(idx), local_mini_batch_size):
                 mini = order[mb_start : mb_start + local_mini_batch_size]
@@ -453,13 +479,26 @@ if __name__ == "__main__":
                     with autocast(dist):
                         new_logprobs = response_logprobs(policy, q, r, tokenizer.pad_token_id, args.temperature)
                         new_values, _ = per_token_scores(value_model, q, r, tokenizer.pad_token_id)
-                    pg_loss, clipfrac, approxkl = ppo_policy_loss(new_logprobs, old_logprobs[mi], advantages[mi], mk, args.cliprange)
-                    vf_loss, vf_clipfrac = ppo_value_loss(new_values, old_values[mi], returns[mi], mk, args.cliprange_value)
+                    pg_loss, clipfrac, approxkl = ppo_policy_loss(
+                        new_logprobs, old_logprobs[mi], advantages[mi], mk, args.cliprange
+                    )
+                    vf_loss, vf_clipfrac = ppo_value_loss(
+                        new_values, old_values[mi], returns[mi], mk, args.cliprange_value
+                    )
                     loss = (pg_loss + args.vf_coef * vf_loss) / len(micro)
                     if not torch.isfinite(loss):
                         nonfinite = True
                     loss.backward()
-                    stats += torch.stack([approxkl, clipfrac, pg_loss.detach(), vf_loss.detach(), vf_clipfrac, torch.ones((), device=dist.device)]).double()
+                    stats += torch.stack(
+                        [
+                            approxkl,
+                            clipfrac,
+                            pg_loss.detach(),
+                            vf_loss.detach(),
+                            vf_clipfrac,
+                            torch.ones((), device=dist.device),
+                        ]
+                    ).double()
                 if nonfinite_step(torch.tensor(float("nan") if nonfinite else 0.0), update, dist, args.skip_nonfinite):
                     policy_opt.zero_grad(set_to_none=True)
                     value_opt.zero_grad(set_to_none=True)
@@ -519,13 +558,18 @@ if __name__ == "__main__":
             bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_per_seq:.2f}")
         if args.sample_every and (update + 1) % args.sample_every == 0:
             texts = tokenizer.batch_decode(responses[:4], skip_special_tokens=True)
-            rows = [[tokenizer.decode(query_list[i], skip_special_tokens=True), texts[i], round(raw_scores[i].item(), 3)] for i in range(min(4, len(texts)))]
+            rows = [
+                [tokenizer.decode(query_list[i], skip_special_tokens=True), texts[i], round(raw_scores[i].item(), 3)]
+                for i in range(min(4, len(texts)))
+            ]
             tracker.table("samples", ["prompt", "response", "score"], rows, update + 1)
         if args.save_every and (update + 1) % args.save_every == 0 and update + 1 < num_updates:
             save(update + 1)
         if stop.requested(dist):
             save(update + 1)
-            tracker.print(f"{stop.signal_name}: checkpoint saved at update {update + 1} in {args.output_dir}; resume with --resume")
+            tracker.print(
+                f"{stop.signal_name}: checkpoint saved at update {update + 1} in {args.output_dir}; resume with --resume"
+            )
             tracker.finish()
             cleanup(dist)
             raise SystemExit(0)

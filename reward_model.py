@@ -170,10 +170,16 @@ def evaluate(model, items: list[dict], args: Args, dist, pad_id: int, names: lis
             with autocast(dist):
                 r = scores(model, [e["chosen"] for e in mb] + [e["rejected"] for e in mb], pad_id, dist.device)[:, 0]
             rc, rr = r[: len(mb)], r[len(mb) :]
-            total += torch.stack([(rc > rr).sum(), (rc - rr).sum(), -F.logsigmoid(rc - rr).sum(), torch.tensor(len(mb))]).double()
+            total += torch.stack(
+                [(rc > rr).sum(), (rc - rr).sum(), -F.logsigmoid(rc - rr).sum(), torch.tensor(len(mb))]
+            ).double()
             all_scores.append(r)
         dist.all_reduce(total)
-        metrics = {"eval/accuracy": total[0] / total[3], "eval/margin": total[1] / total[3], "eval/loss": total[2] / total[3]}
+        metrics = {
+            "eval/accuracy": total[0] / total[3],
+            "eval/margin": total[1] / total[3],
+            "eval/loss": total[2] / total[3],
+        }
     else:
         err = torch.zeros(3, len(names), dtype=torch.float64, device=dist.device)  # |e|, e^2, count
         for mb in data.micro_batches(local, args.local_micro_batch_size):
@@ -202,9 +208,13 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.model_path)
 
     # 1. data: pairs (bt) or attribute rows (regression); errors name file, row and field
-    kind, parse = ("preference", data.parse_preference) if args.objective == "bt" else ("attributes", data.parse_attributes)
+    kind, parse = (
+        ("preference", data.parse_preference) if args.objective == "bt" else ("attributes", data.parse_attributes)
+    )
     data_path = data.resolve_data_path(args.data, kind, dist)
-    parsed, eval_parsed, eval_source = data.load_train_eval(data_path, args.eval_data, args.eval_size, parse, args.skip_bad_rows)
+    parsed, eval_parsed, eval_source = data.load_train_eval(
+        data_path, args.eval_data, args.eval_size, parse, args.skip_bad_rows
+    )
     names: list[str] = []
     if args.objective == "regression":  # attribute order: first seen; the model's outputs follow it
         for r in parsed.records:
@@ -214,7 +224,11 @@ if __name__ == "__main__":
         if args.objective == "bt":
             t = data.tokenize_pair(tokenizer, record, args.max_seq_len, args.max_prompt_len, context)
             margin = record["margin"] if args.use_margin and record["margin"] is not None else 0.0
-            return {"chosen": t["prompt_ids"] + t["chosen_ids"], "rejected": t["prompt_ids"] + t["rejected_ids"], "margin": margin}
+            return {
+                "chosen": t["prompt_ids"] + t["chosen_ids"],
+                "rejected": t["prompt_ids"] + t["rejected_ids"],
+                "margin": margin,
+            }
         ids, _ = data.tokenize_conversation(tokenizer, record["messages"], context)
         if len(ids) > args.max_seq_len:
             raise data.DataError(f"{context}: {len(ids)} tokens, over --max-seq-len {args.max_seq_len}")
@@ -246,7 +260,9 @@ if __name__ == "__main__":
         state = checkpoint.load_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer})
         scheduler.load_state_dict(state["scheduler"])
         start_step, skipped_steps = state["step"], state["skipped_steps"]
-    tracker = make_tracker(dist, args.output_dir, args, args.track, args.wandb_project, start_step if args.resume else -1)
+    tracker = make_tracker(
+        dist, args.output_dir, args, args.track, args.wandb_project, start_step if args.resume else -1
+    )
     tracker.print(f"resolved args: {args}")
     tracker.print(
         f"world_size={dist.world_size} global_batch_size={global_batch_size} total_steps={total_steps} "
@@ -261,7 +277,11 @@ if __name__ == "__main__":
         checkpoint.save_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer}, extra)
         config = {"plainalign_reward_model": True, "objective": args.objective} | (extra_config or {})
         if names:
-            config |= {"attribute_names": names, "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+            config |= {
+                "attribute_names": names,
+                "id2label": dict(enumerate(names)),
+                "label2id": {n: i for i, n in enumerate(names)},
+            }
             config["attribute_weights"] = parse_weights(args.attribute_weights, names)
         checkpoint.export_pretrained(model, tokenizer, args.output_dir, dist, config)
 
@@ -284,7 +304,12 @@ if __name__ == "__main__":
                 model.set_requires_gradient_sync(k == len(micro) - 1)
             with autocast(dist):
                 if args.objective == "bt":
-                    r = scores(model, [e["chosen"] for e in mb] + [e["rejected"] for e in mb], tokenizer.pad_token_id, dist.device)[:, 0]
+                    r = scores(
+                        model,
+                        [e["chosen"] for e in mb] + [e["rejected"] for e in mb],
+                        tokenizer.pad_token_id,
+                        dist.device,
+                    )[:, 0]
                     rc, rr = r[: len(mb)], r[len(mb) :]
                     margin = torch.tensor([e["margin"] for e in mb], device=dist.device)
                     mb_loss = bt_loss(rc, rr, margin, args.center_rewards_coefficient).sum()
@@ -331,7 +356,9 @@ if __name__ == "__main__":
             save(step + 1)
         if stop.requested(dist):
             save(step + 1)
-            tracker.print(f"{stop.signal_name}: checkpoint saved at step {step + 1} in {args.output_dir}; resume with --resume")
+            tracker.print(
+                f"{stop.signal_name}: checkpoint saved at step {step + 1} in {args.output_dir}; resume with --resume"
+            )
             tracker.finish()
             cleanup(dist)
             raise SystemExit(0)
@@ -349,7 +376,9 @@ if __name__ == "__main__":
     tracker.log(final, total_steps)
     tracker.write_eval(final)
     if args.objective == "bt":
-        tracker.print(f"held-out pairwise accuracy {final['eval/accuracy']:.3f}, mean margin {final['eval/margin']:.3f}")
+        tracker.print(
+            f"held-out pairwise accuracy {final['eval/accuracy']:.3f}, mean margin {final['eval/margin']:.3f}"
+        )
     tracker.print(f"saved {args.output_dir}")
     tracker.finish()
     cleanup(dist)

@@ -26,8 +26,8 @@ from typing import Literal
 import torch
 import tyro
 
-from common import checkpoint, data, demo_task
-from common.dist import cleanup, exact_div, init_distributed, seed_everything, wrap_model, autocast
+from common import checkpoint, data
+from common.dist import autocast, cleanup, init_distributed, seed_everything, wrap_model
 from common.generation import demo_eval
 from common.models import load_causal_lm, load_tokenizer, resolve_model_path
 from common.tracking import make_tracker
@@ -162,7 +162,9 @@ if __name__ == "__main__":
 
     # 2. data: parse every row (errors name file, row and field), tokenize, hold out an eval set, pack
     data_path = data.resolve_data_path(args.data, "sft", dist)
-    parsed, eval_parsed, eval_source = data.load_train_eval(data_path, args.eval_data, args.eval_size, data.parse_sft, args.skip_bad_rows)
+    parsed, eval_parsed, eval_source = data.load_train_eval(
+        data_path, args.eval_data, args.eval_size, data.parse_sft, args.skip_bad_rows
+    )
 
     def tok(record, context):
         return data.tokenize_sft(tokenizer, record, args.max_seq_len, context)
@@ -185,7 +187,9 @@ if __name__ == "__main__":
         state = checkpoint.load_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer})
         scheduler.load_state_dict(state["scheduler"])
         start_step, skipped_steps, initial = state["step"], state["skipped_steps"], state["initial"]
-    tracker = make_tracker(dist, args.output_dir, args, args.track, args.wandb_project, start_step if args.resume else -1)
+    tracker = make_tracker(
+        dist, args.output_dir, args, args.track, args.wandb_project, start_step if args.resume else -1
+    )
     tracker.print(f"resolved args: {args}")
     tracker.print(
         f"world_size={dist.world_size} global_batch_size={global_batch_size} total_steps={total_steps} "
@@ -256,7 +260,9 @@ if __name__ == "__main__":
             save(step + 1)
         if stop.requested(dist):
             save(step + 1)
-            tracker.print(f"{stop.signal_name}: checkpoint saved at step {step + 1} in {args.output_dir}; resume with --resume")
+            tracker.print(
+                f"{stop.signal_name}: checkpoint saved at step {step + 1} in {args.output_dir}; resume with --resume"
+            )
             tracker.finish()
             cleanup(dist)
             raise SystemExit(0)
@@ -264,7 +270,10 @@ if __name__ == "__main__":
 
     # 6. final evaluation and export
     save(total_steps)
-    final = {"eval/loss": evaluate_loss(model, eval_items, args, dist, tokenizer.pad_token_id), "train/skipped_steps": skipped_steps}
+    final = {
+        "eval/loss": evaluate_loss(model, eval_items, args, dist, tokenizer.pad_token_id),
+        "train/skipped_steps": skipped_steps,
+    }
     if demo_eval_on:
         result = demo_eval(model, tokenizer, dist, args.demo_eval_prompts, args.max_new_tokens)
         tracker.table("samples", ["prompt", "response", "score"], result.pop("samples"), total_steps)

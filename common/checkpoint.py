@@ -161,5 +161,8 @@ def load_trainer_state(
     if saved_world == dist.world_size and rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False), generators or {})
     else:
-        warnings.warn(f"resuming on {dist.world_size} ranks from a {saved_world}-rank checkpoint: RNG streams restart")
+        warnings.warn(
+            f"resuming on {dist.world_size} ranks from a {saved_world}-rank checkpoint: RNG streams restart",
+            stacklevel=2,
+        )
     return torch.load(path / "state.pt", weights_only=False)

@@ -61,7 +61,9 @@ def _check_json_lines(path: str) -> None:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where(path, lineno)}: unparseable JSON line ({e.msg}): {line.strip()[:80]!r}") from None
+                raise DataError(
+                    f"{where(path, lineno)}: unparseable JSON line ({e.msg}): {line.strip()[:80]!r}"
+                ) from None
             if not isinstance(value, dict):
                 raise DataError(f"{where(path, lineno)}: expected a JSON object, got {type(value).__name__}")
 
@@ -110,7 +112,9 @@ class Parsed:
     errors: list[str] = field(default_factory=list)
 
 
-def parse_rows(rows: list[dict], parse: Callable, source: str, skip_bad_rows: bool = False, first_row: int = 1) -> Parsed:
+def parse_rows(
+    rows: list[dict], parse: Callable, source: str, skip_bad_rows: bool = False, first_row: int = 1
+) -> Parsed:
     """Apply `parse(row, source, row_number)` to every row; stop at the first DataError unless skipping.
 
     `first_row` is the file row of rows[0], so errors in a held-out tail still name the row of the file.
@@ -125,7 +129,9 @@ def parse_rows(rows: list[dict], parse: Callable, source: str, skip_bad_rows: bo
             out.skipped += 1
             out.errors.append(str(e))
     if not out.records:
-        raise DataError(f"{source}: no usable rows ({out.skipped} skipped)" + (f"; first: {out.errors[0]}" if out.errors else ""))
+        raise DataError(
+            f"{source}: no usable rows ({out.skipped} skipped)" + (f"; first: {out.errors[0]}" if out.errors else "")
+        )
     return out
 
 
@@ -138,7 +144,12 @@ def load_train_eval(
     if eval_data is None:
         if len(rows) <= eval_size:
             raise ValueError(f"{data_path}: {len(rows)} rows, not more than --eval-size {eval_size}")
-        train_rows, eval_rows, eval_source, eval_first = rows[:-eval_size], rows[-eval_size:], data_path, len(rows) - eval_size + 1
+        train_rows, eval_rows, eval_source, eval_first = (
+            rows[:-eval_size],
+            rows[-eval_size:],
+            data_path,
+            len(rows) - eval_size + 1,
+        )
     else:
         train_rows, eval_rows, eval_source, eval_first = rows, load_rows(eval_data), eval_data, 1
     train = parse_rows(train_rows, parse, data_path, skip_bad_rows)
@@ -178,7 +189,9 @@ def _messages(value, source: str, row: int, fld: str) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise DataError(f"{where(source, row, sub)}: expected an object with 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise DataError(f"{where(source, row, sub + '.role')}: unknown role {m['role']!r} (expected one of {ROLES})")
+            raise DataError(
+                f"{where(source, row, sub + '.role')}: unknown role {m['role']!r} (expected one of {ROLES})"
+            )
         msg = {"role": m["role"], "content": _text(m["content"], source, row, sub + ".content")}
         if m.get("attributes"):
             msg["attributes"] = m["attributes"]
@@ -333,7 +346,9 @@ def parse_attributes(row: dict, source: str, i: int) -> dict:
             if value is None:
                 values[name] = None
             elif isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise DataError(f"{where(source, i, 'attributes.' + name)}: expected a number, got {type(value).__name__}")
+                raise DataError(
+                    f"{where(source, i, 'attributes.' + name)}: expected a number, got {type(value).__name__}"
+                )
             else:
                 values[name] = float(value)
         return {"messages": parse_sft(row, source, i)["messages"], "attributes": values}
@@ -372,7 +387,9 @@ def _check_prefix(prefix: list[int], full: list[int], context: str) -> None:
         )
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], context: str = "conversation") -> tuple[list[int], list[int]]:
+def tokenize_conversation(
+    tokenizer, messages: list[dict], context: str = "conversation"
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with labels = input_ids on every assistant turn (content + end-of-turn), else -100.
 
     An assistant message's `attributes` (SteerLM) are part of the turn's header, so they are not labelled.
@@ -552,7 +569,11 @@ def model_inputs(batch: dict, model: torch.nn.Module, device: torch.device) -> d
     allowed = allowed[:, None]  # (B, 1, T, T)
     if impl == "eager":  # eager adds the mask to the scores: it needs the additive float form
         dtype = next(model.parameters()).dtype
-        return out | {"attention_mask": torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)}
+        return out | {
+            "attention_mask": torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        }
     return out | {"attention_mask": allowed}
 
 

@@ -256,7 +256,10 @@ def attribute_rows(seed: int = 0, n: int = 20_000, wrong_fraction: float = 0.25)
         g = grade(r["prompt"], r["completion"])
         rows.append(
             {
-                "messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}],
+                "messages": [
+                    {"role": "user", "content": r["prompt"]},
+                    {"role": "assistant", "content": r["completion"]},
+                ],
                 "attributes": {a: g[a] for a in ATTRIBUTES},
             }
         )

@@ -116,15 +116,20 @@ def demo_eval(model, tokenizer, dist: Dist, num_prompts: int, max_new_tokens: in
     prompts = dist.shard(demo_task.eval_prompts(num_prompts))
     ids = [render(tokenizer, [{"role": "user", "content": p}], True, **(template_kwargs or {})) for p in prompts]
     responses = generate(
-        model, ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-        max_new_tokens=max_new_tokens, dist=dist,
+        model,
+        ids,
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+        max_new_tokens=max_new_tokens,
+        dist=dist,
     )
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     grades = [demo_task.grade(p, t) for p, t in zip(prompts, texts)]
     keys = ("score", "correct", "verbosity", "politeness")
     sums = torch.tensor(
         [sum(g[k] for g in grades) for k in keys] + [sum(len(r) for r in responses), len(grades)],
-        dtype=torch.float64, device=dist.device,
+        dtype=torch.float64,
+        device=dist.device,
     )
     dist.all_reduce(sums)
     n = sums[-1].item()

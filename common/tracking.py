@@ -62,7 +62,11 @@ class Tracker:
         """On resume, drop what the killed run logged after its last checkpoint (it will be logged again)."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line).get("step", -1) <= step]
+        kept = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", -1) <= step
+        ]
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def print(self, *parts) -> None:
@@ -73,7 +77,9 @@ class Tracker:
             print(msg, flush=True)
 
     def log(self, metrics: dict, step: int, echo: bool = True) -> None:
-        row = {"step": step, "time": round(time.time() - self._start, 3)} | {k: _jsonable(v) for k, v in metrics.items()}
+        row = {"step": step, "time": round(time.time() - self._start, 3)} | {
+            k: _jsonable(v) for k, v in metrics.items()
+        }
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self.wandb is not None:

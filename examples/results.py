@@ -35,7 +35,11 @@ STAGES = [
     ("PPO", "out/ppo", {}),
     ("DPO", "out/dpo", {}),
     ("SPIN", "out/spin", {}),
-    ("SteerLM (correctness:4,verbosity:0,politeness:0)", "out/steerlm", {"attributes": "correctness:4,verbosity:0,politeness:0"}),
+    (
+        "SteerLM (correctness:4,verbosity:0,politeness:0)",
+        "out/steerlm",
+        {"attributes": "correctness:4,verbosity:0,politeness:0"},
+    ),
 ]
 
 
@@ -133,7 +137,16 @@ if __name__ == "__main__":
         ids = [data.render(tokenizer, [{"role": "user", "content": p}], True, **template_kwargs) for p in prompts_text]
         kl = kl_to_reference(model, ref, tokenizer, ids, dist, args.max_new_tokens, args.seed)
         stage = path.name
-        rows.append([label, result["eval/score"], result["eval/accuracy"], result["eval/response_length"], kl, timings.get(stage)])
+        rows.append(
+            [
+                label,
+                result["eval/score"],
+                result["eval/accuracy"],
+                result["eval/response_length"],
+                kl,
+                timings.get(stage),
+            ]
+        )
         print(f"{label}: score {result['eval/score']:.3f} accuracy {result['eval/accuracy']:.3f}", flush=True)
 
     lines = [

@@ -43,5 +43,7 @@ def run_script(script: str, *args: str, nproc: int = 1, timeout: int = 600, chec
         cmd = [sys.executable, script]
     proc = subprocess.run(cmd + list(args), cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd + list(args))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd + list(args))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common import data
-from common.data import DataError, IGNORE_INDEX
+from common.data import IGNORE_INDEX, DataError
 
 
 def write(tmp_path, name: str, rows: list, raw: str | None = None):
@@ -77,11 +77,26 @@ def test_parse_sft_prompt_completion_and_messages():
         ({"prompt": "hi", "completion": ""}, "f.jsonl: row 3, field 'completion': empty"),
         ({"prompt": "hi", "completion": 5}, "f.jsonl: row 3, field 'completion': expected a string, got int"),
         ({"text": "hi"}, "f.jsonl: row 3: expected 'messages', or 'prompt' and 'completion' (found ['text'])"),
-        ({"messages": []}, "f.jsonl: row 3, field 'messages': expected a string or a non-empty list of messages, got an empty list"),
-        ({"messages": [{"role": "user", "content": "u"}]}, "f.jsonl: row 3, field 'messages': no assistant turn to learn from"),
-        ({"messages": [{"role": "bot", "content": "u"}]}, "f.jsonl: row 3, field 'messages[0].role': unknown role 'bot'"),
-        ({"messages": [{"role": "user"}]}, "f.jsonl: row 3, field 'messages[0]': expected an object with 'role' and 'content'"),
-        ({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": " "}]}, "f.jsonl: row 3, field 'messages[1].content': empty"),
+        (
+            {"messages": []},
+            "f.jsonl: row 3, field 'messages': expected a string or a non-empty list of messages, got an empty list",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "u"}]},
+            "f.jsonl: row 3, field 'messages': no assistant turn to learn from",
+        ),
+        (
+            {"messages": [{"role": "bot", "content": "u"}]},
+            "f.jsonl: row 3, field 'messages[0].role': unknown role 'bot'",
+        ),
+        (
+            {"messages": [{"role": "user"}]},
+            "f.jsonl: row 3, field 'messages[0]': expected an object with 'role' and 'content'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": " "}]},
+            "f.jsonl: row 3, field 'messages[1].content': empty",
+        ),
     ],
 )
 def test_parse_sft_errors(row, message):
@@ -108,7 +123,11 @@ def test_parse_rows_all_bad_is_an_error():
 
 def test_parse_preference_explicit_prompt_string_and_messages():
     r = data.parse_preference({"prompt": "q", "chosen": "good", "rejected": "bad", "margin": 2}, "f", 1)
-    assert r["prompt"] == [{"role": "user", "content": "q"}] and (r["chosen"], r["rejected"], r["margin"]) == ("good", "bad", 2.0)
+    assert r["prompt"] == [{"role": "user", "content": "q"}] and (r["chosen"], r["rejected"], r["margin"]) == (
+        "good",
+        "bad",
+        2.0,
+    )
     prompt = [{"role": "user", "content": "q"}]
     row = {
         "prompt": prompt,
@@ -145,12 +164,30 @@ def test_parse_preference_hh_shared_response_prefix():
         ({"prompt": "q", "chosen": "a"}, "f: row 7, field 'rejected': missing"),
         ({"prompt": "q", "chosen": "same", "rejected": "same"}, "f: row 7, field 'rejected': identical to 'chosen'"),
         ({"prompt": "q", "chosen": "", "rejected": "b"}, "f: row 7, field 'chosen': empty"),
-        ({"prompt": 3, "chosen": "a", "rejected": "b"}, "f: row 7, field 'prompt': expected a string or a non-empty list of messages, got int"),
-        ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "f: row 7, field 'margin': expected a number, got str"),
-        ({"chosen": "no turns here", "rejected": "nor here"}, "f: row 7, field 'chosen': no shared '\\n\\nAssistant:' turn"),
-        ({"prompt": "q", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}, "f: row 7, field 'chosen': expected exactly one assistant message"),
-        ({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: a"}, "f: row 7, field 'rejected': identical to 'chosen'"),
-        ({"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": "\n\nHuman: q\n\nAssistant: b"}, "f: row 7, field 'chosen': empty response"),
+        (
+            {"prompt": 3, "chosen": "a", "rejected": "b"},
+            "f: row 7, field 'prompt': expected a string or a non-empty list of messages, got int",
+        ),
+        (
+            {"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"},
+            "f: row 7, field 'margin': expected a number, got str",
+        ),
+        (
+            {"chosen": "no turns here", "rejected": "nor here"},
+            "f: row 7, field 'chosen': no shared '\\n\\nAssistant:' turn",
+        ),
+        (
+            {"prompt": "q", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"},
+            "f: row 7, field 'chosen': expected exactly one assistant message",
+        ),
+        (
+            {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: a"},
+            "f: row 7, field 'rejected': identical to 'chosen'",
+        ),
+        (
+            {"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": "\n\nHuman: q\n\nAssistant: b"},
+            "f: row 7, field 'chosen': empty response",
+        ),
     ],
 )
 def test_parse_preference_errors(row, message):
@@ -189,18 +226,38 @@ def test_parse_attributes_dict_with_missing_value():
 
 
 def test_parse_attributes_helpsteer_columns():
-    row = {"prompt": "q", "response": "a", "helpfulness": 3, "correctness": 4, "coherence": 4, "complexity": 1, "verbosity": None}
+    row = {
+        "prompt": "q",
+        "response": "a",
+        "helpfulness": 3,
+        "correctness": 4,
+        "coherence": 4,
+        "complexity": 1,
+        "verbosity": None,
+    }
     r = data.parse_attributes(row, "f", 1)
-    assert r["attributes"] == {"helpfulness": 3.0, "correctness": 4.0, "coherence": 4.0, "complexity": 1.0, "verbosity": None}
+    assert r["attributes"] == {
+        "helpfulness": 3.0,
+        "correctness": 4.0,
+        "coherence": 4.0,
+        "complexity": 1.0,
+        "verbosity": None,
+    }
 
 
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"prompt": "q", "completion": "a", "attributes": {"verbosity": "high"}}, "f: row 5, field 'attributes.verbosity': expected a number, got str"),
+        (
+            {"prompt": "q", "completion": "a", "attributes": {"verbosity": "high"}},
+            "f: row 5, field 'attributes.verbosity': expected a number, got str",
+        ),
         ({"prompt": "q", "completion": "a", "attributes": [1, 2]}, "f: row 5, field 'attributes': expected an object"),
         ({"prompt": "q", "completion": "a"}, "f: row 5, field 'attributes': missing"),
-        ({"prompt": "q", "response": "a", "helpfulness": "x"}, "f: row 5, field 'helpfulness': expected a number, got str"),
+        (
+            {"prompt": "q", "response": "a", "helpfulness": "x"},
+            "f: row 5, field 'helpfulness': expected a number, got str",
+        ),
     ],
 )
 def test_parse_attributes_errors(row, message):
@@ -233,14 +290,22 @@ def test_multi_turn_masking_labels_only_assistant_tokens(tokenizer):
 
 
 def test_attribute_header_is_not_labelled(tokenizer):
-    msgs = [{"role": "user", "content": "Add 4 and 4."}, {"role": "assistant", "content": "8", "attributes": "verbosity:0"}]
+    msgs = [
+        {"role": "user", "content": "Add 4 and 4."},
+        {"role": "assistant", "content": "8", "attributes": "verbosity:0"},
+    ]
     ids, labels = data.tokenize_conversation(tokenizer, msgs)
     assert "[verbosity:0]" in tokenizer.decode(ids)
     assert tokenizer.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == "8<|end|>\n"
 
 
 def test_tokenize_sft_truncation_and_no_room(tokenizer):
-    record = {"messages": [{"role": "user", "content": "What is 12 + 13?"}, {"role": "assistant", "content": "The answer is 25."}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "What is 12 + 13?"},
+            {"role": "assistant", "content": "The answer is 25."},
+        ]
+    }
     full = data.tokenize_sft(tokenizer, record, 128, "c")
     assert not full["truncated"]
     cut = data.tokenize_sft(tokenizer, record, len(full["input_ids"]) - 2, "c")
@@ -254,7 +319,9 @@ def test_tokenize_pair_and_prompt_too_long(tokenizer):
     record = {"prompt": [{"role": "user", "content": "Add 4 and 4."}], "chosen": "8", "rejected": "The answer is 9."}
     out = data.tokenize_pair(tokenizer, record, 64, 32, "c")
     assert tokenizer.decode(out["chosen_ids"]) == "8<|end|>\n"
-    assert out["prompt_ids"] + out["chosen_ids"] == data.render(tokenizer, record["prompt"] + [{"role": "assistant", "content": "8"}])
+    assert out["prompt_ids"] + out["chosen_ids"] == data.render(
+        tokenizer, record["prompt"] + [{"role": "assistant", "content": "8"}]
+    )
     with pytest.raises(DataError, match=r"^c: prompt is \d+ tokens, over --max-prompt-len 3$"):
         data.tokenize_pair(tokenizer, record, 64, 3, "c")
     n = len(out["prompt_ids"])
@@ -273,7 +340,15 @@ def test_template_that_is_not_prefix_stable_is_detected(tokenizer):
         "{% if m['role'] == 'assistant' and not loop.last %}[old]{% else %}{{ m['content'] }}{% endif %}|{% endfor %}"
     )
     with pytest.raises(DataError, match="not prefix-stable"):
-        data.tokenize_conversation(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}])
+        data.tokenize_conversation(
+            tok,
+            [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "q2"},
+                {"role": "assistant", "content": "b"},
+            ],
+        )
 
 
 # --- collation and packing ----------------------------------------------------------------------------------------
@@ -291,7 +366,11 @@ def test_collate_right_and_left_padding():
 
 
 def test_pack_and_collate_packed():
-    ex = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}, {"input_ids": [6, 7, 8, 9], "labels": [6, 7, 8, 9]}]
+    ex = [
+        {"input_ids": [1, 2, 3], "labels": [1, 2, 3]},
+        {"input_ids": [4, 5], "labels": [4, 5]},
+        {"input_ids": [6, 7, 8, 9], "labels": [6, 7, 8, 9]},
+    ]
     rows = data.pack(ex, max_len=5)
     assert [[e["input_ids"] for e in r] for r in rows] == [[[1, 2, 3], [4, 5]], [[6, 7, 8, 9]]]
     b = data.collate_packed(rows, pad_id=0)
@@ -306,9 +385,18 @@ def test_packed_mask_is_block_diagonal_causal():
     from types import SimpleNamespace
 
     model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
-    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 0, 1]]), "segment_ids": torch.tensor([[1, 1, 2, 2]])}
+    batch = {
+        "input_ids": torch.zeros(1, 4, dtype=torch.long),
+        "position_ids": torch.tensor([[0, 1, 0, 1]]),
+        "segment_ids": torch.tensor([[1, 1, 2, 2]]),
+    }
     mask = data.model_inputs(batch, model, torch.device("cpu"))["attention_mask"][0, 0]
-    assert mask.tolist() == [[True, False, False, False], [True, True, False, False], [False, False, True, False], [False, False, True, True]]
+    assert mask.tolist() == [
+        [True, False, False, False],
+        [True, True, False, False],
+        [False, False, True, False],
+        [False, False, True, True],
+    ]
 
 
 def test_step_indices_are_deterministic_and_cover_an_epoch():

@@ -29,8 +29,16 @@ def test_solve_and_grade_every_style():
         ("Add 4 and 4.", "Sure! The answer is 8.", {"score": 0.9, "correct": 1.0, "verbosity": 1, "politeness": 1}),
         ("What is 47 + 8?", "The answer is 54.", {"score": 0.0, "correct": 0.0, "verbosity": 1, "politeness": 0}),
         ("Reverse the letters: t r a p", "p a r t", {"score": 1.0, "correct": 1.0, "verbosity": 0, "politeness": 0}),
-        ("Which is larger, 318 or 381?", "381 Hope this helps. Thanks for asking.", {"score": 1.0, "correct": 1.0, "verbosity": 0, "politeness": 2}),
-        ("Count the letter a in b a n a n a.", "banana has many letters", {"score": 0.0, "correct": 0.0, "verbosity": 1, "politeness": 0}),
+        (
+            "Which is larger, 318 or 381?",
+            "381 Hope this helps. Thanks for asking.",
+            {"score": 1.0, "correct": 1.0, "verbosity": 0, "politeness": 2},
+        ),
+        (
+            "Count the letter a in b a n a n a.",
+            "banana has many letters",
+            {"score": 0.0, "correct": 0.0, "verbosity": 1, "politeness": 0},
+        ),
     ],
 )
 def test_grade_known_answers(prompt, response, expected):
@@ -54,7 +62,12 @@ def test_datasets_are_deterministic_and_eval_prompts_held_out():
 
 def test_preference_pairs_follow_the_hidden_utility():
     for r in d.preference_rows(seed=3, n=300):
-        assert d.utility(r["prompt"], r["chosen"]) == r["chosen_reward"] > r["rejected_reward"] == d.utility(r["prompt"], r["rejected"])
+        assert (
+            d.utility(r["prompt"], r["chosen"])
+            == r["chosen_reward"]
+            > r["rejected_reward"]
+            == d.utility(r["prompt"], r["rejected"])
+        )
 
 
 def test_sft_rows_are_imperfect_demonstrations():
@@ -67,7 +80,11 @@ def test_sft_rows_are_imperfect_demonstrations():
 def test_attribute_and_kto_rows():
     row = d.attribute_rows(seed=0, n=5)[0]
     g = d.grade(row["messages"][0]["content"], row["messages"][1]["content"])
-    assert row["attributes"] == {"correctness": g["correctness"], "verbosity": g["verbosity"], "politeness": g["politeness"]}
+    assert row["attributes"] == {
+        "correctness": g["correctness"],
+        "verbosity": g["verbosity"],
+        "politeness": g["politeness"],
+    }
     for r in d.kto_rows(seed=0, n=200):
         g = d.grade(r["prompt"], r["completion"])
         assert r["label"] == bool(g["correct"] and g["verbosity"] <= 1)

@@ -102,7 +102,9 @@ def test_sequence_logprobs_invariant_to_padding(demo_base, tokenizer):
     prompts, responses = [[1, 4, 40, 5], [1, 4, 40, 41, 42, 43, 44, 5]], [[50, 51, 2], [60, 2]]
     with torch.no_grad():
         batched, lengths = dpo.sequence_logprobs(model, prompts, responses, pad, torch.device("cpu"))
-        alone = torch.cat([dpo.sequence_logprobs(model, [p], [r], pad, torch.device("cpu"))[0] for p, r in zip(prompts, responses)])
+        alone = torch.cat(
+            [dpo.sequence_logprobs(model, [p], [r], pad, torch.device("cpu"))[0] for p, r in zip(prompts, responses)]
+        )
         mean, _ = dpo.sequence_logprobs(model, prompts, responses, pad, torch.device("cpu"), average=True)
     assert lengths.tolist() == [3, 2]
     assert torch.allclose(batched, alone, atol=1e-5)
@@ -123,7 +125,11 @@ COMMON = ["--total-steps", "3", "--log-every", "1", "--eval-every", "0", "--save
 
 
 def losses(out):
-    return [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    return [
+        json.loads(line)["train/loss"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in line
+    ]
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "simpo", "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl", "kto"])
@@ -142,7 +148,15 @@ def test_smoke_each_loss_type(demo_base, pref_data, tmp_path, loss_type):
 
 def test_precomputed_reference_equals_on_the_fly(demo_base, pref_data, tmp_path):
     """The policy starts equal to the reference, so any difference would show in the very first losses."""
-    args = ["--model-path", str(demo_base), "--data", str(pref_data["pairs"]), *COMMON, "--local-micro-batch-size", "16"]
+    args = [
+        "--model-path",
+        str(demo_base),
+        "--data",
+        str(pref_data["pairs"]),
+        *COMMON,
+        "--local-micro-batch-size",
+        "16",
+    ]
     run_script("dpo.py", *args, "--output-dir", str(tmp_path / "live"))
     run_script("dpo.py", *args, "--output-dir", str(tmp_path / "pre"), "--precompute-ref-logprobs")
     assert (tmp_path / "pre" / "ref_logprobs.pt").exists()
@@ -166,12 +180,19 @@ def test_rpo_without_rewards_and_malformed_rows(demo_base, tmp_path):
     path = demo_task.write_jsonl(rows, tmp_path / "no_rewards.jsonl")
     proc = run_script("dpo.py", "--model-path", str(demo_base), "--data", str(path), "--output-dir", str(tmp_path / "o"),
                       "--loss-type", "rpo_sq", *COMMON, check=False)  # fmt: skip
-    assert proc.returncode != 0 and f"{path}: row 1, field 'chosen_reward': missing (rpo_sq needs per-response rewards)" in proc.stderr
-    bad = demo_task.write_jsonl(rows[:10] + [{"prompt": "Add 2 and 2.", "chosen": "4", "rejected": "4"}] + rows, tmp_path / "bad.jsonl")
+    assert (
+        proc.returncode != 0
+        and f"{path}: row 1, field 'chosen_reward': missing (rpo_sq needs per-response rewards)" in proc.stderr
+    )
+    bad = demo_task.write_jsonl(
+        rows[:10] + [{"prompt": "Add 2 and 2.", "chosen": "4", "rejected": "4"}] + rows, tmp_path / "bad.jsonl"
+    )
     proc = run_script("dpo.py", "--model-path", str(demo_base), "--data", str(bad), "--output-dir", str(tmp_path / "o"),
                       *COMMON, check=False)  # fmt: skip
     assert proc.returncode != 0 and f"{bad}: row 11, field 'rejected': identical to 'chosen'" in proc.stderr
-    kto_bad = demo_task.write_jsonl([{"prompt": "Add 2 and 2.", "completion": "4", "label": "yes"}] * 40, tmp_path / "kto.jsonl")
+    kto_bad = demo_task.write_jsonl(
+        [{"prompt": "Add 2 and 2.", "completion": "4", "label": "yes"}] * 40, tmp_path / "kto.jsonl"
+    )
     proc = run_script("dpo.py", "--model-path", str(demo_base), "--data", str(kto_bad), "--output-dir", str(tmp_path / "o"),
                       "--loss-type", "kto", *COMMON, check=False)  # fmt: skip
     assert proc.returncode != 0 and f"{kto_bad}: row 1, field 'label': expected true/false, got str" in proc.stderr

@@ -59,19 +59,27 @@ def test_ppo_policy_loss_by_hand():
     """ratio = 1.5 on both tokens, eps = 0.2. A = +1: max(-1.5, -1.2) = -1.2 (clipped). A = -1: max(1.5, 1.2) =
     1.5 (unclipped). Mean loss (−1.2 + 1.5) / 2 = 0.15, clipfrac 1/2, approxkl = 0.5 log(1.5)^2."""
     new = torch.full((1, 2), math.log(1.5))
-    loss, clipfrac, approxkl = ppo.ppo_policy_loss(new, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), 0.2)
+    loss, clipfrac, approxkl = ppo.ppo_policy_loss(
+        new, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), 0.2
+    )
     assert loss.item() == pytest.approx(0.15, abs=1e-6)
     assert clipfrac.item() == pytest.approx(0.5)
     assert approxkl.item() == pytest.approx(0.5 * math.log(1.5) ** 2, abs=1e-7)
-    masked, _, _ = ppo.ppo_policy_loss(new, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0, 0.0]]), 0.2)
+    masked, _, _ = ppo.ppo_policy_loss(
+        new, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0, 0.0]]), 0.2
+    )
     assert masked.item() == pytest.approx(-1.2, abs=1e-6)  # the masked token does not count
 
 
 def test_ppo_value_loss_by_hand():
     """V_old = 1, V = 2, R = 3, eps = 0.2: clipped V = 1.2; max((2-3)^2, (1.2-3)^2) = 3.24; loss 0.5 x 3.24."""
-    loss, clipfrac = ppo.ppo_value_loss(torch.tensor([[2.0]]), torch.tensor([[1.0]]), torch.tensor([[3.0]]), torch.ones(1, 1), 0.2)
+    loss, clipfrac = ppo.ppo_value_loss(
+        torch.tensor([[2.0]]), torch.tensor([[1.0]]), torch.tensor([[3.0]]), torch.ones(1, 1), 0.2
+    )
     assert loss.item() == pytest.approx(1.62, abs=1e-6) and clipfrac.item() == 1.0
-    loss, clipfrac = ppo.ppo_value_loss(torch.tensor([[1.1]]), torch.tensor([[1.0]]), torch.tensor([[3.0]]), torch.ones(1, 1), 0.2)
+    loss, clipfrac = ppo.ppo_value_loss(
+        torch.tensor([[1.1]]), torch.tensor([[1.0]]), torch.tensor([[3.0]]), torch.ones(1, 1), 0.2
+    )
     assert loss.item() == pytest.approx(0.5 * 1.9**2, abs=1e-6) and clipfrac.item() == 0.0
 
 
@@ -119,7 +127,9 @@ def test_per_token_values_and_pooled_score(demo_base, tokenizer):
     the head output at the last non-pad token, whatever the padding."""
     from common.models import load_sequence_classifier
 
-    model = load_sequence_classifier(str(demo_base), torch.device("cpu"), 1, pad_token_id=tokenizer.pad_token_id, init_head=True).eval()
+    model = load_sequence_classifier(
+        str(demo_base), torch.device("cpu"), 1, pad_token_id=tokenizer.pad_token_id, init_head=True
+    ).eval()
     pad = tokenizer.pad_token_id
     queries = torch.tensor([[pad, 1, 4, 40, 5], [1, 4, 40, 41, 5]])
     responses = torch.tensor([[50, 2, pad], [50, 51, 2]])
@@ -139,7 +149,9 @@ def tiny_stack(demo_base, tmp_path_factory):
     from common.models import load_sequence_classifier, load_tokenizer
 
     root = tmp_path_factory.mktemp("ppo_models")
-    rm = load_sequence_classifier(str(demo_base), torch.device("cpu"), 1, pad_token_id=load_tokenizer(str(demo_base)).pad_token_id, init_head=True)
+    rm = load_sequence_classifier(
+        str(demo_base), torch.device("cpu"), 1, pad_token_id=load_tokenizer(str(demo_base)).pad_token_id, init_head=True
+    )
     rm.save_pretrained(root / "rm")
     load_tokenizer(str(demo_base)).save_pretrained(root / "rm")
     return demo_base, root / "rm"
@@ -152,7 +164,9 @@ PPO_SMALL = ["--total-episodes", "32", "--local-rollout-batch-size", "8", "--num
 def test_smoke_run(tiny_stack, tmp_path):
     policy, rm = tiny_stack
     out = tmp_path / "ppo"
-    proc = run_script("ppo.py", "--model-path", str(policy), "--reward-model-path", str(rm), "--output-dir", str(out), *PPO_SMALL)
+    proc = run_script(
+        "ppo.py", "--model-path", str(policy), "--reward-model-path", str(rm), "--output-dir", str(out), *PPO_SMALL
+    )
     assert "KL to the reference" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "objective/kl" in r and "ppo/loss/policy_avg" in r]

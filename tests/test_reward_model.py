@@ -35,7 +35,11 @@ def test_regression_loss_ignores_missing_attributes():
 
 
 def test_parse_weights():
-    assert rm.parse_weights("verbosity=-1,correctness=2", ["correctness", "verbosity", "politeness"]) == [2.0, -1.0, 0.0]
+    assert rm.parse_weights("verbosity=-1,correctness=2", ["correctness", "verbosity", "politeness"]) == [
+        2.0,
+        -1.0,
+        0.0,
+    ]
     assert rm.parse_weights("", ["a"]) is None
     with pytest.raises(ValueError, match="unknown attribute 'x'"):
         rm.parse_weights("x=1", ["a"])
@@ -44,14 +48,26 @@ def test_parse_weights():
 def test_score_is_invariant_to_padding_amount_and_side(demo_base, tokenizer):
     from common.models import load_sequence_classifier
 
-    model = load_sequence_classifier(str(demo_base), torch.device("cpu"), 1, pad_token_id=tokenizer.pad_token_id, init_head=True).eval()
+    model = load_sequence_classifier(
+        str(demo_base), torch.device("cpu"), 1, pad_token_id=tokenizer.pad_token_id, init_head=True
+    ).eval()
     pad = tokenizer.pad_token_id
-    seq = data.render(tokenizer, [{"role": "user", "content": "Add 4 and 4."}, {"role": "assistant", "content": "The answer is 8."}])
-    longer = data.render(tokenizer, [{"role": "user", "content": "What is 12 + 13?"}, {"role": "assistant", "content": "Sure! Happy to help. The answer is 25."}])
+    seq = data.render(
+        tokenizer, [{"role": "user", "content": "Add 4 and 4."}, {"role": "assistant", "content": "The answer is 8."}]
+    )
+    longer = data.render(
+        tokenizer,
+        [
+            {"role": "user", "content": "What is 12 + 13?"},
+            {"role": "assistant", "content": "Sure! Happy to help. The answer is 25."},
+        ],
+    )
     with torch.no_grad():
         alone = rm.scores(model, [seq], pad, torch.device("cpu"))[0, 0]
         right = rm.scores(model, [seq, longer], pad, torch.device("cpu"))[0, 0]  # right-padded next to a longer one
-        left = data.collate([{"input_ids": seq, "labels": seq}, {"input_ids": longer, "labels": longer}], pad, side="left")
+        left = data.collate(
+            [{"input_ids": seq, "labels": seq}, {"input_ids": longer, "labels": longer}], pad, side="left"
+        )
         left_score = model(**data.model_inputs(left, model, torch.device("cpu"))).logits[0, 0]
     assert len(longer) > len(seq) + 3
     assert torch.allclose(alone, right, atol=1e-5) and torch.allclose(alone, left_score, atol=1e-5)
@@ -71,13 +87,26 @@ COMMON = ["--total-steps", "4", "--log-every", "1", "--eval-every", "0", "--save
 
 
 def losses(out):
-    return [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    return [
+        json.loads(line)["train/loss"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in line
+    ]
 
 
 def test_bt_smoke_and_round_trip_through_transformers(demo_base, rm_data, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    run_script("reward_model.py", "--model-path", str(demo_base), "--data", str(rm_data["pairs"]), "--output-dir", str(tmp_path), *COMMON)
+    run_script(
+        "reward_model.py",
+        "--model-path",
+        str(demo_base),
+        "--data",
+        str(rm_data["pairs"]),
+        "--output-dir",
+        str(tmp_path),
+        *COMMON,
+    )
     result = json.loads((tmp_path / "eval.json").read_text())
     assert {"eval/accuracy", "eval/margin", "reward/score_mean", "reward/score_std"} <= set(result)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
@@ -115,5 +144,7 @@ def test_malformed_rows_name_file_row_field(demo_base, tmp_path):
 def test_torchrun_two_processes_match_one(demo_base, rm_data, tmp_path):
     args = ["--model-path", str(demo_base), "--data", str(rm_data["pairs"]), *COMMON]
     run_script("reward_model.py", *args, "--output-dir", str(tmp_path / "one"), "--local-micro-batch-size", "16")
-    run_script("reward_model.py", *args, "--output-dir", str(tmp_path / "two"), "--local-micro-batch-size", "8", nproc=2)
+    run_script(
+        "reward_model.py", *args, "--output-dir", str(tmp_path / "two"), "--local-micro-batch-size", "8", nproc=2
+    )
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-6)

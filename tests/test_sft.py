@@ -88,7 +88,9 @@ def test_torchrun_two_processes_match_one(baseline, demo_base, sft_data, tmp_pat
 def _start(demo_base, sft_data, out, *extra):
     cmd = [sys.executable, "sft.py", "--model-path", str(demo_base), "--data", str(sft_data), "--output-dir", str(out),
            "--local-micro-batch-size", "16", "--gradient-accumulation-steps", "2", *COMMON, *extra]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _wait_for_checkpoint(proc, out, timeout=120):
@@ -122,7 +124,7 @@ def test_sigterm_saves_and_exits_zero(demo_base, sft_data, tmp_path):
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
-    assert f"SIGTERM: checkpoint saved at step" in output and str(tmp_path) in output
+    assert "SIGTERM: checkpoint saved at step" in output and str(tmp_path) in output
     step = json.loads((tmp_path / "trainer_state" / "COMPLETE").read_text())["step"]
     assert step >= 1
     from transformers import AutoModelForCausalLM
@@ -173,7 +175,9 @@ def test_smoke_demo_run_outputs_a_usable_model(demo_base, sft_data, tmp_path):
         assert key in result
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
-    text = tok.apply_chat_template([{"role": "user", "content": "Add 1 and 2."}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Add 1 and 2."}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|bos|><|user|>\nAdd 1 and 2.<|end|>\n<|assistant|>\n"
     assert tok.pad_token_id != tok.eos_token_id and model.config.pad_token_id == tok.pad_token_id
 
