@@ -1,0 +1,881 @@
+"""SteerLM: label responses with attribute values, train on them, then dial the values at inference.
+
+SteerLM (Dong et al. 2023, "SteerLM: Attribute Conditioned SFT as an (User-Steerable) Alternative to RLHF")
+replaces the reward model and RL loop of RLHF with three supervised stages:
+    label     every response of an SFT set gets attribute values 0..4 (correctness, verbosity, ...), from an
+              attribute-prediction model (`reward_model.py --objective regression`; its predictions are
+              clamped to [0, 4] and rounded, as in NeMo-Aligner) or from rules (the "guiding signals");
+    train     attribute-conditioned SFT: the values are written into the assistant turn's header as
+              `correctness:4,verbosity:1,politeness:3` and the model learns p(response | prompt, attributes);
+              the loss is on the response tokens only, never on the attribute string;
+    generate  at inference the user writes the values they want into the same place.
+Where this file departs from the paper: no step 4 ("bootstrapping": sampling responses at high-quality
+attribute values, labelling them and training on them again); the attribute string goes through the
+tokenizer's chat template (an assistant message's `attributes` key, and the template kwarg `attributes` for a
+generation prompt) instead of a fixed prompt format, and a template that ignores `attributes` gets them as a
+system message `Attributes: ...` (logged). The attributes describe a row's last assistant turn; earlier
+assistant turns are trained as in sft.py. A request may leave attributes out (they are left out of the string),
+but the demo model only ever saw all three, so it then picks values itself.
+
+Steerability is measured on the demo task at the end of training: for each of verbosity and politeness, each
+value 0..4 is requested with the other attributes held fixed (`--steer-fixed`), greedy responses are graded by
+`demo_task.grade`, and the Spearman correlation (average ranks for ties) and exact-match rate between requested
+and realised values are reported (`steer/<name>/spearman`, `steer/<name>/exact_match`). Ground truth
+(`eval/accuracy`, `eval/score`) with `correctness:4` requested (`--eval-attributes`) is set beside that of the
+unconditioned starting model (`initial/eval/...`) and of the same request with `correctness:0`
+(`contrast/eval/...`): the first comparison includes the extra training, the second isolates the conditioning.
+
+Run (no flags = `all`: label the demo SFT data by rule, train from out/sft (`python sft.py` first; without it,
+from scratch), evaluate, write out/steerlm; about 4 minutes on 2 free CPU cores):
+    python steerlm.py
+    python steerlm.py label --data my_sft.jsonl --label-model out/reward_model --output-file labelled.jsonl
+    python steerlm.py label --rules my_rules:score          # my_rules.py: def score(prompt, response) -> dict
+    python steerlm.py train --data labelled.jsonl --model-path out/sft
+    python steerlm.py generate --attributes verbosity=0,politeness=4 --prompt "What is 47 + 85?"
+    python steerlm.py generate --prompts-file prompts.jsonl --output-file responses.jsonl
+    torchrun --nproc_per_node 2 steerlm.py train            # FSDP2 (gloo on CPU, nccl on GPU)
+    python steerlm.py train --resume                        # continue from out/steerlm/trainer_state
+    python steerlm.py all --resume                          # the same, keeping out/steerlm/labelled.jsonl
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import tyro
+
+from common import checkpoint, data, demo_task
+from common.dist import autocast, cleanup, init_distributed, sampling_generator, seed_everything, wrap_model
+from common.generation import demo_eval, generate
+from common.models import load_causal_lm, load_sequence_classifier, load_tokenizer, resolve_model_path
+from common.tracking import make_tracker
+from common.training import Schedule, StopSignal, grad_norm_clip, make_optimizer, make_scheduler, nonfinite_step
+from kernels import selective_logprob
+
+DEFAULT_START = "out/sft"
+DEFAULT_LABELLED = "out/steerlm/labelled.jsonl"
+DEMO_ORDER = ",".join(demo_task.ATTRIBUTES)
+MIN_VALUE, MAX_VALUE = 0, 4  # the HelpSteer / SteerLM attribute scale
+
+
+@dataclass
+class LabelOptions:
+    """How responses get their attribute values (shared by `label` and `all`)."""
+
+    label_model: str | None = None
+    """attribute model (`reward_model.py --objective regression`: config has `attribute_names`); default: rules"""
+    rules: str = "demo"
+    """rules when no --label-model: `demo` (demo_task.grade's correctness, verbosity, politeness), or
+    `module.path:function` / `file.py:function`, with function(prompt: str, response: str) -> dict[str, number]"""
+    label_batch_size: int = 64
+    """rows per forward of the --label-model on each rank"""
+
+
+@dataclass
+class LabelArgs(LabelOptions):
+    """Annotate SFT rows with attribute values and write them as attribute rows (jsonl)."""
+
+    data: str = "demo"
+    """SFT data to label (jsonl/json/parquet/csv or hub name): messages or prompt + completion; `demo` = demo task"""
+    output_file: str = DEFAULT_LABELLED
+    """where the labelled rows are written (jsonl, atomically): {"messages": [...], "attributes": {name: value}}"""
+    max_seq_len: int = 128
+    """--label-model: longest conversation it reads (longer: an error, or a skip with --skip-bad-rows)"""
+    skip_bad_rows: bool = False
+    """skip (and count) malformed rows instead of stopping at the first one"""
+
+
+@dataclass
+class TrainArgs:
+    """Attribute-conditioned SFT on attribute-labelled rows, then the steerability evaluation."""
+
+    # --- experiment ---
+    exp_name: str = "steerlm"
+    """name of the run (wandb run name)"""
+    seed: int = 1
+    """seed for initialisation, data order and sampling"""
+    output_dir: str = "out/steerlm"
+    """where the model (save_pretrained), trainer_state/, metrics.jsonl and eval.json are written"""
+    resume: bool = False
+    """continue from output_dir/trainer_state (model, optimizer, scheduler, RNG, data position)"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works)"""
+    wandb_project: str = "plainalign"
+    """wandb project name"""
+
+    # --- model and data ---
+    model_path: str = DEFAULT_START
+    """HF causal LM to start from; `demo` = the built-in tiny Llama from scratch (also used when out/sft is missing)"""
+    data: str = DEFAULT_LABELLED
+    """attribute rows (the label stage's output): SFT row + {"attributes": {name: 0..4}}, or HelpSteer columns;
+    `demo` = the demo task's rule-labelled rows"""
+    eval_data: str | None = None
+    """held-out attribute rows for eval/loss; default: the last --eval-size rows of --data"""
+    eval_size: int = 256
+    """rows held out from --data for eval/loss when --eval-data is not given"""
+    attributes_order: str = DEMO_ORDER
+    """attributes the model is conditioned on, in written order (an unknown one is an error, a missing one left out)"""
+    max_seq_len: int = 128
+    """tokens per example, attribute string included (longer examples are truncated on the right)"""
+    skip_bad_rows: bool = False
+    """skip (and count) malformed rows instead of stopping at the first one"""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """attention kernel of the HF model"""
+
+    # --- optimiser ---
+    learning_rate: float = 1e-3
+    """peak learning rate (AdamW)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)"""
+    lr_schedule: Schedule = "cosine"
+    """decay after warmup"""
+    warmup_steps: int = 20
+    """linear warmup steps"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0 = off)"""
+
+    # --- batch sizes (local_ = per rank; global = local x accumulation x ranks) ---
+    local_micro_batch_size: int = 32
+    """examples per forward/backward on each rank"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    num_epochs: float = 1.0
+    """passes over the training data (fractions allowed); used when --total-steps is 0"""
+    total_steps: int = 500
+    """optimizer steps (0 = derived from --num-epochs); the default fits the demo's CPU time budget"""
+
+    # --- evaluation and logging ---
+    log_every: int = 25
+    """steps between metric logs"""
+    eval_every: int = 250
+    """steps between eval/loss measurements (0 = only at the end)"""
+    save_every: int = 500
+    """steps between checkpoints (0 = only at the end)"""
+    demo_eval_prompts: int = 256
+    """held-out demo prompts for eval/accuracy, eval/score: start model vs --eval-attributes (0 = off; demo data)"""
+    steer_prompts: int = 64
+    """held-out demo prompts per requested value in the steerability evaluation (0 = off; demo data only)"""
+    steer_attributes: str = "verbosity,politeness"
+    """attributes whose values 0..4 are each requested in the steerability evaluation"""
+    steer_fixed: str = "correctness:4,verbosity:2,politeness:2"
+    """values of the other attributes while one is steered"""
+    eval_attributes: str = "correctness:4,verbosity:2,politeness:2"
+    """values requested for eval/accuracy and eval/score (compared with the start model, which is asked nothing)"""
+    max_new_tokens: int = 64
+    """generation length in the evaluations"""
+    skip_nonfinite: bool = False
+    """skip steps whose loss is NaN/Inf (counted as train/skipped_steps) instead of stopping"""
+    activation_checkpointing: bool = False
+    """recompute activations in backward (less memory, ~30% more compute)"""
+
+
+@dataclass
+class AllArgs(LabelOptions, TrainArgs):
+    """label -> train -> evaluate: the SFT data is labelled into output_dir/labelled.jsonl, then trained on."""
+
+    data: str = "demo"
+    """SFT data to label, then train on (jsonl/json/parquet/csv or a datasets hub name); `demo` = the built-in task"""
+
+
+@dataclass
+class GenerateArgs:
+    """Respond to prompts with requested attribute values."""
+
+    model_path: str = "out/steerlm"
+    """a model trained by `steerlm.py train` (HF directory or hub id)"""
+    attributes: str = ""
+    """requested values, `name=value,...` or `name:value,...` (an attribute not given is left out of the string)"""
+    prompt: str | None = None
+    """one user prompt; the response is printed"""
+    prompts_file: str | None = None
+    """batch mode: rows {"prompt": str|messages}, optionally "attributes" ({...} or "name:v,...") over --attributes"""
+    output_file: str | None = None
+    """batch mode: where to write {"prompt", "attributes", "response"} rows (jsonl, atomically); default: print them"""
+    attributes_order: str | None = None
+    """order of the attribute string; default: the one the model was trained with (its config), else the demo's"""
+    max_new_tokens: int = 64
+    """tokens generated per response"""
+    temperature: float = 0.0
+    """0 = greedy; > 0 samples"""
+    top_p: float = 1.0
+    """nucleus sampling threshold (with --temperature > 0)"""
+    batch_size: int = 64
+    """prompts per generation batch on each rank"""
+    seed: int = 1
+    """seed for sampling"""
+
+
+# `all` first: an AllArgs is also a TrainArgs, and tyro shows the first matching subcommand as the default
+Command = (
+    Annotated[AllArgs, tyro.conf.subcommand("all", description=AllArgs.__doc__)]
+    | Annotated[LabelArgs, tyro.conf.subcommand("label", description=LabelArgs.__doc__)]
+    | Annotated[TrainArgs, tyro.conf.subcommand("train", description=TrainArgs.__doc__)]
+    | Annotated[GenerateArgs, tyro.conf.subcommand("generate", description=GenerateArgs.__doc__)]
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The attribute string
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_order(spec: str) -> list[str]:
+    names = [n.strip() for n in spec.split(",")]
+    if not spec.strip() or not all(names) or len(set(names)) != len(names):
+        raise ValueError(f"--attributes-order {spec!r}: expected distinct comma-separated names")
+    return names
+
+
+def format_attributes(values: dict, order: list[str]) -> str:
+    """{"verbosity": 1, "correctness": 4.0} -> "correctness:4,verbosity:1" in `order`; None (missing) is left out.
+
+    Values are rounded to the nearest integer (the label stage writes integers already). A name outside
+    `order` is a KeyError: the model would be conditioned on something it is never asked for.
+    """
+    unknown = [n for n in values if n not in order]
+    if unknown:
+        raise KeyError(f"attribute {unknown[0]!r} is not in the attribute order ({','.join(order)})")
+    return ",".join(f"{n}:{round(values[n])}" for n in order if values.get(n) is not None)
+
+
+def parse_attributes_string(text: str) -> dict[str, int]:
+    """Parse `correctness:4,verbosity:1` (or `verbosity=1`) into {"correctness": 4, "verbosity": 1}; errors
+    name the offending item."""
+    if not text.strip():
+        raise ValueError("attribute string is empty")
+    values: dict[str, int] = {}
+    for item in text.split(","):
+        sep = ":" if ":" in item else "="
+        name, found, value = (s.strip() for s in item.partition(sep))
+        if not found:
+            raise ValueError(f"attribute string {text!r}: item {item.strip()!r} is not name:value")
+        if not name:
+            raise ValueError(f"attribute string {text!r}: item {item.strip()!r} has no name")
+        if not re.fullmatch(r"-?\d+", value):
+            raise ValueError(f"attribute string {text!r}: value {value!r} of {name!r} is not an integer")
+        if name in values:
+            raise ValueError(f"attribute string {text!r}: {name!r} is given twice")
+        values[name] = int(value)
+    return values
+
+
+def conditioning_mode(tokenizer) -> Literal["template", "system"]:
+    """`template` when the chat template writes an assistant message's `attributes` and the `attributes` kwarg
+    of a generation prompt (the demo template does); else `system` (an `Attributes: ...` system message)."""
+    probe, prompt = "probe_attribute:3", [{"role": "user", "content": "hi"}]
+    gen = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, attributes=probe)
+    turn = tokenizer.apply_chat_template(
+        prompt + [{"role": "assistant", "content": "ok", "attributes": probe}], tokenize=False
+    )
+    return "template" if probe in gen and probe in turn else "system"
+
+
+def with_attributes(messages: list[dict], attributes: str, mode: str) -> list[dict]:
+    """The conversation conditioned on `attributes`: in the last assistant turn's header (template mode) or a
+    system message. An empty string leaves the conversation as it is (plain SFT)."""
+    messages = [{k: v for k, v in m.items() if k != "attributes"} for m in messages]
+    if not attributes:
+        return messages
+    if mode == "system":
+        return with_system(messages, attributes)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    messages[last]["attributes"] = attributes
+    return messages
+
+
+def with_system(messages: list[dict], attributes: str) -> list[dict]:
+    line = f"Attributes: {attributes}"
+    if messages and messages[0]["role"] == "system":  # one system message: some templates reject a second
+        return [{"role": "system", "content": messages[0]["content"] + "\n" + line}] + messages[1:]
+    return [{"role": "system", "content": line}] + messages
+
+
+def request_ids(tokenizer, prompt: list[dict], attributes: str, mode: str) -> list[int]:
+    """Token ids of a generation prompt that requests `attributes`."""
+    if not attributes:
+        return data.render(tokenizer, prompt, add_generation_prompt=True)
+    if mode == "system":
+        return data.render(tokenizer, with_system(prompt, attributes), add_generation_prompt=True)
+    return data.render(tokenizer, prompt, add_generation_prompt=True, attributes=attributes)
+
+
+def tokenize_example(tokenizer, record: dict, order: list[str], mode: str, max_len: int, context: str) -> dict:
+    """An attribute row as an SFT example: labels on the response tokens only (the attribute string is part of
+    the prompt side, so it carries no loss)."""
+    try:
+        attributes = format_attributes(record["attributes"], order)
+    except KeyError as e:
+        name = next(n for n in record["attributes"] if n not in order)
+        raise data.DataError(f"{context}, field 'attributes.{name}': {e.args[0]}; pass --attributes-order") from None
+    return data.tokenize_sft(
+        tokenizer, {"messages": with_attributes(record["messages"], attributes, mode)}, max_len, context
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labelling: guiding signals from a model or from rules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def clamp_round(pred: torch.Tensor, low: int = MIN_VALUE, high: int = MAX_VALUE) -> torch.Tensor:
+    """Attribute-model predictions -> integer labels: rounded (half to even), then clamped to [low, high]."""
+    return pred.float().round().clamp(low, high).long()
+
+
+def demo_rules(prompt: str, response: str) -> dict[str, int]:
+    """The demo task's guiding signals: correctness (0 or 4), verbosity and politeness (0..4), read by rule."""
+    graded = demo_task.grade(prompt, response)
+    return {name: graded[name] for name in demo_task.ATTRIBUTES}
+
+
+def load_rules(spec: str) -> Callable[[str, str], dict]:
+    """`demo`, `package.module:function`, or `path/to/file.py:function` -> the function.
+
+    Module paths are imported with the current directory on sys.path, so `--rules my_rules:score` finds
+    ./my_rules.py.
+    """
+    if spec == "demo":
+        return demo_rules
+    module, sep, name = spec.rpartition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"--rules {spec!r}: expected 'demo', 'module.path:function' or 'file.py:function'")
+    if module.endswith(".py"):
+        if not Path(module).exists():
+            raise FileNotFoundError(f"--rules {spec!r}: no such file {module}")
+        mod_spec = importlib.util.spec_from_file_location(Path(module).stem, module)
+        mod = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(mod)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        mod = importlib.import_module(module)
+    fn = getattr(mod, name, None)
+    if not callable(fn):
+        raise TypeError(f"--rules {spec!r}: {module} has no function {name!r}")
+    return fn
+
+
+def rule_labels(fn: Callable, prompt: str, response: str, context: str) -> dict[str, int]:
+    """Call a rule function and check what it returns: a dict of finite numbers, rounded to integers."""
+    try:
+        out = fn(prompt, response)
+    except Exception as e:  # a user's function failing on one row: say which row
+        raise data.DataError(f"{context}: the rule function raised {type(e).__name__}: {e}") from e
+    if not isinstance(out, dict) or not out:
+        raise data.DataError(
+            f"{context}: the rule function returned {type(out).__name__}, expected a non-empty dict of name: number"
+        )
+    values = {}
+    for name, value in out.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise data.DataError(f"{context}: the rule function returned {name!r}: {value!r}, expected a finite number")
+        values[str(name)] = round(value)
+    return values
+
+
+def split_turn(messages: list[dict]) -> tuple[str, str]:
+    """(the user message before the last assistant turn, that assistant turn): what a rule function reads."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    users = [m["content"] for m in messages[:last] if m["role"] == "user"]
+    return (users[-1] if users else ""), messages[last]["content"]
+
+
+@torch.no_grad()
+def predict_attributes(model, sequences: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """Raw attribute predictions (B, N) of right-padded sequences, read at each one's last non-pad token."""
+    batch = data.collate([{"input_ids": s, "labels": s} for s in sequences], pad_id)
+    return model(**data.model_inputs(batch, model, device)).logits.float()
+
+
+def pad_to_multiple(items: list, k: int) -> list:
+    """Repeat the last item until len(items) is a multiple of k (every rank must run the same batches)."""
+    return items + items[-1:] * (-len(items) % k)
+
+
+def label_stage(args, dist, output_file: str) -> Path:
+    """Annotate every SFT row of args.data and write attribute rows to `output_file` (rank 0, atomically)."""
+    say = print if dist.is_main else (lambda *a, **k: None)
+    t0 = time.time()
+
+    # 1. read and check every row (errors name file, row and field)
+    data_path = data.resolve_data_path(args.data, "sft", dist)
+    parsed = data.parse_rows(data.load_rows(data_path), data.parse_sft, data_path, args.skip_bad_rows)
+    records = [{"messages": with_attributes(r["messages"], "", "template"), "row": r["row"]} for r in parsed.records]
+    n = len(records)
+    local = dist.shard(pad_to_multiple(records, dist.world_size))  # contiguous slices: gathering keeps row order
+
+    # 2. guiding signals: an attribute-prediction model (clamped, rounded) or rules. A row that cannot be
+    # labelled gets its error message instead of labels, so every rank decides the same way after gathering.
+    labels: list[dict | str] = []
+    if args.label_model:
+        from transformers import AutoConfig
+
+        names = getattr(AutoConfig.from_pretrained(args.label_model), "attribute_names", None)
+        if not names:
+            raise ValueError(
+                f"--label-model {args.label_model}: its config has no `attribute_names` "
+                "(train one with `reward_model.py --objective regression`)"
+            )
+        tokenizer = load_tokenizer(args.label_model)
+        model = load_sequence_classifier(args.label_model, dist.device, len(names), pad_token_id=tokenizer.pad_token_id)
+        model = wrap_model(model, dist, trainable=False)
+        say(f"labelling {n} rows with {args.label_model} (attributes {names}) on {dist.world_size} rank(s)")
+        seqs = [data.render(tokenizer, r["messages"]) for r in local]
+        fits = [len(s) <= args.max_seq_len for s in seqs]
+        # a row too long for the model is not scored from a truncated view: it is reported, and a stand-in keeps
+        # the number of forwards equal on every rank (FSDP)
+        stand_in = next((s for s, ok in zip(seqs, fits) if ok), [tokenizer.pad_token_id])
+        for mb in data.micro_batches(list(range(len(seqs))), args.label_batch_size):
+            with autocast(dist):
+                pred = predict_attributes(
+                    model, [seqs[i] if fits[i] else stand_in for i in mb], tokenizer.pad_token_id, dist.device
+                )
+            for i, values in zip(mb, clamp_round(pred).tolist()):
+                context = data.where(data_path, local[i]["row"])
+                too_long = f"{context}: {len(seqs[i])} tokens, over --max-seq-len {args.max_seq_len} of the label model"
+                labels.append(dict(zip(names, values)) if fits[i] else too_long)
+    else:
+        fn = load_rules(args.rules)
+        say(f"labelling {n} rows with rules {args.rules!r} on {dist.world_size} rank(s)")
+        for r in local:
+            try:
+                labels.append(rule_labels(fn, *split_turn(r["messages"]), data.where(data_path, r["row"])))
+            except data.DataError as e:
+                labels.append(str(e))
+
+    # 3. gather in row order (the padding repeats sit at the end), write atomically
+    gathered = [x for part in dist.all_gather_object(list(zip(local, labels))) for x in part][:n]
+    bad = [lab for _, lab in gathered if isinstance(lab, str)]
+    if bad and not args.skip_bad_rows:
+        raise data.DataError(bad[0])
+    rows = [{"messages": r["messages"], "attributes": lab} for r, lab in gathered if isinstance(lab, dict)]
+    if not rows:
+        raise data.DataError(f"{data_path}: no row could be labelled ({len(bad)} skipped)")
+    if dist.is_main:
+        demo_task.write_jsonl(rows, output_file)
+        for name in rows[0]["attributes"]:
+            counts = Counter(r["attributes"].get(name) for r in rows)
+            say(f"  {name}: " + " ".join(f"{v}:{counts[v]}" for v in sorted(counts)))
+        for err in (parsed.errors + bad)[:5]:
+            say(f"skipped: {err}")
+        say(
+            f"labelled {len(rows)} rows ({parsed.skipped + len(bad)} skipped) -> {output_file} "
+            f"in {time.time() - t0:.1f}s"
+        )
+    dist.barrier()
+    return Path(output_file)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training and evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def count_label_tokens(example: dict) -> int:
+    """Tokens that carry a loss: labels shifted by one (position t predicts token t+1)."""
+    return sum(label != data.IGNORE_INDEX for label in example["labels"][1:])
+
+
+def sft_loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
+    """Summed NLL of the labelled tokens of a batch (normalisation is the caller's, over the global batch)."""
+    logits = model(**data.model_inputs(batch, model, device)).logits  # (B, T, V)
+    labels = batch["labels"][:, 1:].to(device)  # (B, T-1): position t predicts token t+1
+    logprobs = selective_logprob(logits[:, :-1], labels)  # (B, T-1), 0 where label == -100
+    return -logprobs.sum()
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list, args: TrainArgs, dist, pad_id: int) -> float:
+    """Token-averaged NLL of held-out responses given their attributes (sharded across ranks)."""
+    model.eval()
+    n = len(examples) - len(examples) % dist.world_size
+    local = dist.shard(examples[:n])
+    total = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    for mb in data.micro_batches(local, args.local_micro_batch_size):
+        with autocast(dist):
+            total[0] += sft_loss_sum(model, data.collate(mb, pad_id), dist.device).double()
+        total[1] += sum(count_label_tokens(e) for e in mb)
+    dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def average_ranks(values: list[float]) -> list[float]:
+    """1-based ranks; tied values share the mean of the ranks they span ([5, 7, 7] -> [1, 2.5, 2.5])."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i : j + 1]:
+            ranks[k] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rho: the Pearson correlation of average ranks; NaN when either side is constant."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else float("nan")
+
+
+def respond(model, tokenizer, dist, prompts: list[list[dict]], attributes: list[str], mode: str, max_new_tokens: int,
+            temperature: float = 0.0, top_p: float = 1.0, generator=None, batch_size: int = 256):  # fmt: skip
+    """(texts, token counts) of the responses to prompts, each requesting its attribute string."""
+    ids = [request_ids(tokenizer, p, a, mode) for p, a in zip(prompts, attributes)]
+    out = generate(
+        model, ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
+        dist=dist, temperature=temperature, top_p=top_p, generator=generator, batch_size=batch_size,
+    )  # fmt: skip
+    return tokenizer.batch_decode(out, skip_special_tokens=True), [len(o) for o in out]
+
+
+def is_demo_data(records: list[dict], n: int = 64) -> bool:
+    """The demo-task evaluations only mean something when the prompts are demo-task prompts."""
+    return all(demo_task.solve(split_turn(r["messages"])[0]) is not None for r in records[:n])
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, dist, args: TrainArgs, order: list[str], mode: str) -> tuple[dict, list]:
+    """Steerability and ground truth on held-out demo prompts, greedy.
+
+    Steerability: for each attribute of --steer-attributes, every value 0..4 is requested (the others as in
+    --steer-fixed) on --steer-prompts prompts; `demo_task.grade` reads the realised value from each response.
+    Reports steer/<name>/spearman (requested vs realised, over all prompts and values), steer/<name>/exact_match,
+    and per requested value v: steer/<name>/realised_at_<v> (mean realised value), steer/<name>/accuracy_at_<v>.
+    Ground truth with --eval-attributes requested: eval/score, eval/accuracy, eval/verbosity, eval/politeness,
+    eval/response_length (the keys of demo_eval); when that request has `correctness`, the same request with
+    correctness 0 gives contrast/eval/* (does the model act on the correctness it is asked for?).
+    """
+    fixed = parse_attributes_string(args.steer_fixed)
+    steer_names = parse_order(args.steer_attributes) if args.steer_prompts >= dist.world_size else []
+    steer_prompts = dist.shard(demo_task.eval_prompts(args.steer_prompts - args.steer_prompts % dist.world_size))
+    jobs = []  # (group, requested value, prompt, attribute string); group = steered attribute, "eval" or "contrast"
+    for name in steer_names:
+        for value in range(MIN_VALUE, MAX_VALUE + 1):
+            request = format_attributes(fixed | {name: value}, order)
+            jobs += [(name, value, p, request) for p in steer_prompts]
+    eval_request = parse_attributes_string(args.eval_attributes)
+    eval_prompts = dist.shard(demo_task.eval_prompts(args.demo_eval_prompts - args.demo_eval_prompts % dist.world_size))
+    jobs += [("eval", None, p, format_attributes(eval_request, order)) for p in eval_prompts]
+    if "correctness" in eval_request:
+        jobs += [
+            ("contrast", None, p, format_attributes(eval_request | {"correctness": 0}, order)) for p in eval_prompts
+        ]
+    texts, lengths = respond(model, tokenizer, dist, [[{"role": "user", "content": j[2]}] for j in jobs],
+                             [j[3] for j in jobs], mode, args.max_new_tokens)  # fmt: skip
+    local = [(group, v, demo_task.grade(p, t), n) for (group, v, p, _), t, n in zip(jobs, texts, lengths)]
+    results = [x for part in dist.all_gather_object(local) for x in part]
+    metrics = {}
+    for name in steer_names:
+        pairs = [(v, g[name], g["correct"]) for group, v, g, _ in results if group == name]
+        metrics[f"steer/{name}/spearman"] = spearman([v for v, _, _ in pairs], [r for _, r, _ in pairs])
+        metrics[f"steer/{name}/exact_match"] = sum(v == r for v, r, _ in pairs) / len(pairs)
+        for value in range(MIN_VALUE, MAX_VALUE + 1):
+            at = [(r, c) for v, r, c in pairs if v == value]
+            metrics[f"steer/{name}/realised_at_{value}"] = sum(r for r, _ in at) / len(at)
+            metrics[f"steer/{name}/accuracy_at_{value}"] = sum(c for _, c in at) / len(at)
+    for group, prefix in (("eval", ""), ("contrast", "contrast/")):
+        graded = [(g, n) for gr, _, g, n in results if gr == group]
+        for key in ("score", "correct", "verbosity", "politeness") if graded else ():
+            metrics[f"{prefix}eval/{'accuracy' if key == 'correct' else key}"] = sum(g[key] for g, _ in graded) / len(
+                graded
+            )
+        if graded:
+            metrics[f"{prefix}eval/response_length"] = sum(n for _, n in graded) / len(graded)
+    # one sample per steering request (the first prompt of this rank), then the first ground-truth ones
+    samples = [[p, s, t] for (group, _, p, s), t in zip(jobs, texts)]
+    n_local = len(steer_prompts)
+    samples = (samples[: n_local * len(steer_names) * 5 : n_local] if n_local else []) + samples[
+        n_local * len(steer_names) * 5 :
+    ][:2]
+    return metrics, samples
+
+
+def train_stage(args: TrainArgs, dist) -> dict:
+    """Attribute-conditioned SFT, then the evaluation; the body mirrors sft.py step for step."""
+    seed_everything(args.seed)
+    stop = StopSignal()
+    order = parse_order(args.attributes_order)
+    notes = []
+
+    # 1. model and tokenizer (the default start, out/sft, falls back to the demo base model when missing)
+    start = args.model_path
+    if start == DEFAULT_START and not (Path(start) / "config.json").exists():
+        notes.append(
+            f"{DEFAULT_START} not found (build it with `python sft.py`): training the demo base model from scratch"
+        )
+        start = "demo"
+    model_path = resolve_model_path(start, dist.is_main, dist.barrier)
+    tokenizer = load_tokenizer(model_path)
+    mode = conditioning_mode(tokenizer)
+    if mode == "system":
+        notes.append("the chat template ignores `attributes`: they are given as a system message 'Attributes: ...'")
+    model = load_causal_lm(model_path, dist.device, attn_implementation=args.attn_implementation)
+    model = wrap_model(model, dist, activation_checkpointing=args.activation_checkpointing)
+
+    # 2. data: parse every row (errors name file, row and field), write the attributes into the header, tokenize
+    data_path = data.resolve_data_path(args.data, "attributes", dist)
+    if args.data == DEFAULT_LABELLED and not Path(data_path).exists():
+        raise FileNotFoundError(f"{data_path}: no labelled data; run `python steerlm.py label` first, or pass --data")
+    parsed, eval_parsed, eval_source = data.load_train_eval(
+        data_path, args.eval_data, args.eval_size, data.parse_attributes, args.skip_bad_rows
+    )
+
+    def tok(record, context):
+        return tokenize_example(tokenizer, record, order, mode, args.max_seq_len, context)
+
+    train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
+    evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
+    skipped = parsed.skipped + train.skipped
+    demo_eval_on = (args.demo_eval_prompts > 0 or args.steer_prompts > 0) and is_demo_data(parsed.records)
+    if demo_eval_on:  # a bad evaluation request fails now, not after training
+        for flag, spec in (("--steer-fixed", args.steer_fixed), ("--eval-attributes", args.eval_attributes)):
+            try:
+                format_attributes(parse_attributes_string(spec), order)
+            except KeyError as e:
+                raise ValueError(f"{flag} {spec!r}: {e.args[0]}") from None
+        for name in parse_order(args.steer_attributes):
+            if name not in order or name not in demo_task.ATTRIBUTES:
+                raise ValueError(
+                    f"--steer-attributes: {name!r} is not both in the attribute order and graded by the demo"
+                )
+
+    # 3. batch sizes, optimiser, schedule
+    global_batch_size = args.local_micro_batch_size * args.gradient_accumulation_steps * dist.world_size
+    per_epoch = data.steps_per_epoch(len(train.records), global_batch_size)
+    total_steps = args.total_steps or max(1, int(args.num_epochs * per_epoch))
+    optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)
+    scheduler = make_scheduler(optimizer, args.lr_schedule, args.warmup_steps, total_steps)
+    start_step, skipped_steps, initial = 0, 0, {}
+    if args.resume:
+        state = checkpoint.load_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer})
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, skipped_steps, initial = state["step"], state["skipped_steps"], state["initial"]
+    tracker = make_tracker(
+        dist, args.output_dir, args, args.track, args.wandb_project, start_step if args.resume else -1
+    )
+    tracker.print(f"resolved args: {args}")
+    for note in notes:
+        tracker.print(note)
+    tracker.print(
+        f"world_size={dist.world_size} global_batch_size={global_batch_size} total_steps={total_steps} "
+        f"train={len(train.records)} ({sum(e['truncated'] for e in train.records)} truncated, {skipped} bad rows "
+        f"skipped) eval={len(evals.records)} start={model_path} conditioning={mode} start_step={start_step}"
+    )
+    tracker.print(f"example: {tokenizer.decode(train.records[0]['input_ids'])!r}")
+    for err in (parsed.errors + train.errors)[:5]:
+        tracker.print(f"skipped: {err}")
+
+    def save(step: int) -> None:
+        extra = {"step": step, "scheduler": scheduler.state_dict(), "skipped_steps": skipped_steps, "initial": initial}
+        checkpoint.save_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer}, extra)
+        config = {"steerlm_attributes": order, "steerlm_conditioning": mode}  # read back by `generate`
+        checkpoint.export_pretrained(model, tokenizer, args.output_dir, dist, config)
+
+    if demo_eval_on and args.demo_eval_prompts > 0 and not args.resume:
+        initial = demo_eval(model, tokenizer, dist, args.demo_eval_prompts, args.max_new_tokens)  # no attributes
+        initial.pop("samples")
+        tracker.print(f"start: eval/score={initial['eval/score']:.3f} eval/accuracy={initial['eval/accuracy']:.3f}")
+
+    # 4. training loop: each step takes the global batch `data.step_indices(step)`; this rank its slice
+    model.train()
+    bar = tracker.progress(total_steps, start_step, "steerlm")
+    tokens_seen, t0, step = 0, time.time(), start_step
+    for step in range(start_step, total_steps):
+        idx = dist.shard(data.step_indices(len(train.records), global_batch_size, step, args.seed))
+        local = [train.records[i] for i in idx]
+        # average over the global batch's response tokens: FSDP averages gradients over ranks, hence x world_size
+        n_tokens = dist.sum(sum(count_label_tokens(e) for e in local))
+        loss_sum = torch.zeros((), device=dist.device)
+        micro = data.micro_batches(local, args.local_micro_batch_size)
+        for k, mb in enumerate(micro):
+            if dist.enabled:
+                model.set_requires_gradient_sync(k == len(micro) - 1)  # reduce-scatter once per step
+            with autocast(dist):
+                mb_loss = sft_loss_sum(model, data.collate(mb, tokenizer.pad_token_id), dist.device)
+            (mb_loss * dist.world_size / n_tokens).backward()
+            loss_sum += mb_loss.detach().float()
+        if nonfinite_step(loss_sum, step, dist, args.skip_nonfinite):
+            optimizer.zero_grad(set_to_none=True)
+            skipped_steps += 1
+            continue
+        grad_norm = grad_norm_clip(model, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += dist.sum(sum(len(e["input_ids"]) for e in local))
+        bar.update(1)
+
+        # 5. log, evaluate, checkpoint
+        if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+            loss = dist.sum(loss_sum.item()) / n_tokens
+            elapsed = time.time() - t0
+            metrics = {
+                "train/loss": loss,
+                "train/grad_norm": grad_norm,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/skipped_steps": skipped_steps,
+                "perf/tokens_per_sec": tokens_seen / max(elapsed, 1e-9),
+            }
+            if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
+                metrics["eval/loss"] = evaluate_loss(model, evals.records, args, dist, tokenizer.pad_token_id)
+            tracker.log(metrics, step + 1, echo=False)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            tokens_seen, t0 = 0, time.time()
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            save(step + 1)
+        if stop.requested(dist):
+            save(step + 1)
+            tracker.print(
+                f"{stop.signal_name}: checkpoint saved at step {step + 1} in {args.output_dir}; resume with --resume"
+            )
+            tracker.finish()
+            cleanup(dist)
+            raise SystemExit(0)
+    tracker.close_progress()
+
+    # 6. final evaluation (steerability, ground truth) and export
+    save(total_steps)
+    final = {
+        "eval/loss": evaluate_loss(model, evals.records, args, dist, tokenizer.pad_token_id),
+        "train/skipped_steps": skipped_steps,
+    }
+    if demo_eval_on:
+        result, samples = evaluate(model, tokenizer, dist, args, order, mode)
+        tracker.table("samples", ["prompt", "attributes", "response"], samples, total_steps)
+        final |= result | {f"initial/{k}": v for k, v in initial.items()}
+        for name in parse_order(args.steer_attributes) if args.steer_prompts else []:
+            tracker.print(
+                f"steer {name}: spearman {final[f'steer/{name}/spearman']:.3f}, exact match "
+                f"{final[f'steer/{name}/exact_match']:.3f}, realised mean per requested 0..4: "
+                + " ".join(f"{final[f'steer/{name}/realised_at_{v}']:.2f}" for v in range(MIN_VALUE, MAX_VALUE + 1))
+            )
+        if initial and "eval/accuracy" in result:
+            tracker.print(
+                f"ground truth ({args.demo_eval_prompts} held-out demo prompts), start model without attributes -> "
+                f"{args.eval_attributes}: accuracy {initial['eval/accuracy']:.3f} -> {final['eval/accuracy']:.3f}, "
+                f"score {initial['eval/score']:.3f} -> {final['eval/score']:.3f}"
+                + (
+                    f" (correctness:0 requested instead: accuracy {final['contrast/eval/accuracy']:.3f})"
+                    if "contrast/eval/accuracy" in final
+                    else ""
+                )
+            )
+    elif args.demo_eval_prompts or args.steer_prompts:
+        tracker.print("demo-task evaluations skipped: the data's prompts are not demo-task prompts")
+    tracker.log(final, total_steps, echo=False)
+    tracker.write_eval(final)
+    tracker.print(f"saved {args.output_dir} (final metrics in eval.json)")
+    tracker.finish()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def generate_stage(args: GenerateArgs, dist) -> list[dict]:
+    """Responses to --prompt or --prompts-file, each requesting its attribute values."""
+    from transformers import AutoConfig
+
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise ValueError("generate: pass exactly one of --prompt and --prompts-file")
+
+    # 1. model, tokenizer, and the attribute order the model was trained with
+    tokenizer = load_tokenizer(args.model_path)
+    trained_order = getattr(AutoConfig.from_pretrained(args.model_path), "steerlm_attributes", None)
+    order = parse_order(args.attributes_order) if args.attributes_order else trained_order or list(demo_task.ATTRIBUTES)
+    mode = conditioning_mode(tokenizer)
+    model = wrap_model(load_causal_lm(args.model_path, dist.device), dist, trainable=False)
+
+    # 2. requests: (prompt as given, messages, attribute string); unknown attributes are errors
+    default = parse_attributes_string(args.attributes) if args.attributes.strip() else {}
+    if args.prompt is not None:
+        try:
+            requests = [(args.prompt, [{"role": "user", "content": args.prompt}], format_attributes(default, order))]
+        except KeyError as e:
+            raise ValueError(f"--attributes {args.attributes!r}: {e.args[0]}") from None
+    else:
+        requests = []
+        for i, row in enumerate(data.load_rows(args.prompts_file), 1):
+            prompt = data.parse_prompt(row, args.prompts_file, i)["prompt"]
+            where = data.where(args.prompts_file, i, "attributes")
+            values = row.get("attributes") or {}
+            try:
+                values = parse_attributes_string(values) if isinstance(values, str) else values
+            except ValueError as e:
+                raise data.DataError(f"{where}: {e}") from None
+            if not isinstance(values, dict):
+                raise data.DataError(
+                    f"{where}: expected an object or a 'name:value,...' string, got {type(values).__name__}"
+                )
+            values = {k: v for k, v in values.items() if v is not None}  # datasets fills absent keys with None
+            for name, value in values.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise data.DataError(f"{where}: {name!r} is not a number ({type(value).__name__})")
+            try:
+                attributes = format_attributes(default | values, order)
+            except KeyError as e:
+                raise data.DataError(f"{where}: {e.args[0]}") from None
+            requests.append((row.get("prompt") or row.get("messages"), prompt, attributes))
+
+    # 3. generate on every rank (contiguous shards, gathered back in order)
+    n = len(requests)
+    local = dist.shard(pad_to_multiple(requests, dist.world_size))
+    generator = sampling_generator(args.seed, dist) if args.temperature > 0 else None
+    texts, _ = respond(model, tokenizer, dist, [r[1] for r in local], [r[2] for r in local], mode, args.max_new_tokens,
+                       args.temperature, args.top_p, generator, args.batch_size)  # fmt: skip
+    rows = [{"prompt": r[0], "attributes": r[2], "response": t} for r, t in zip(local, texts)]
+    rows = [x for part in dist.all_gather_object(rows) for x in part][:n]
+
+    # 4. output
+    if dist.is_main:
+        if args.prompt is not None:
+            print(rows[0]["response"])
+        elif args.output_file:
+            demo_task.write_jsonl(rows, args.output_file)
+            print(f"wrote {len(rows)} responses to {args.output_file}", file=sys.stderr)
+        else:
+            for row in rows:
+                print(json.dumps(row))
+    return rows
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Command, default=AllArgs(), description=__doc__.split("\n\n")[0])
+    dist = init_distributed()
+    if isinstance(args, LabelArgs):
+        label_stage(args, dist, args.output_file)
+    elif isinstance(args, GenerateArgs):
+        generate_stage(args, dist)
+    else:
+        if isinstance(args, AllArgs):  # label into the output directory, then train on that file
+            labelled = str(Path(args.output_dir) / "labelled.jsonl")
+            if not (args.resume and Path(labelled).exists()):
+                label_stage(args, dist, labelled)
+            elif dist.is_main:
+                print(f"--resume: keeping the labels in {labelled}")
+            args = dataclasses.replace(args, data=labelled)
+        train_stage(args, dist)
+    cleanup(dist)
