@@ -36,9 +36,9 @@ STAGES = [
     ("DPO", "out/dpo", {}),
     ("SPIN", "out/spin", {}),
     (
-        "SteerLM (correctness:4,verbosity:0,politeness:0)",
+        "SteerLM (correctness:4,verbosity:2,politeness:2)",
         "out/steerlm",
-        {"attributes": "correctness:4,verbosity:0,politeness:0"},
+        {"attributes": "correctness:4,verbosity:2,politeness:2"},
     ),
 ]
 
