@@ -48,7 +48,15 @@ from common.dist import (
 from common.generation import demo_eval, generate
 from common.models import load_causal_lm, load_sequence_classifier, load_tokenizer
 from common.tracking import make_tracker
-from common.training import Schedule, StopSignal, grad_norm_clip, make_optimizer, make_scheduler, nonfinite_step
+from common.training import (
+    NonFiniteLoss,
+    Schedule,
+    StopSignal,
+    grad_norm_clip,
+    make_optimizer,
+    make_scheduler,
+    nonfinite_step,
+)
 from kernels import kl_estimate, selective_logprob
 
 
@@ -410,9 +418,12 @@ if __name__ == "__main__":
         t_rollout = time.time()
         idx = dist.shard(data.step_indices(len(prompts.records), rollout_batch_size, update, args.seed))
         query_list = [prompts.records[i] for i in idx]
-        response_list = generate(policy, query_list, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                                 max_new_tokens=args.response_length, dist=dist, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, generator=generator)  # fmt: skip
+        try:
+            response_list = generate(policy, query_list, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                                     max_new_tokens=args.response_length, dist=dist, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, generator=generator)  # fmt: skip
+        except FloatingPointError as e:  # a NaN policy cannot even sample: stop, naming the update
+            raise NonFiniteLoss(f"non-finite logits at step {update} (rollout): {e}") from e
         queries = data.pad(query_list, tokenizer.pad_token_id, side="left").to(dist.device)  # (B, P)
         responses = data.pad(response_list, tokenizer.pad_token_id, side="right", length=args.response_length).to(
             dist.device

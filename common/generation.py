@@ -86,6 +86,8 @@ def generate(
                 )
                 past = getattr(o, cache_kw)
                 logits = o.logits[:, -1].float()  # (B, V)
+                if torch.isnan(logits).any():
+                    raise FloatingPointError(f"NaN logits at generated token {len(tokens)}: the model is non-finite")
                 logits[:, pad_id] = float("-inf")  # padding is never a token of an answer
                 nxt = sample_next(logits, temperature, top_k, top_p, generator)
                 nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
