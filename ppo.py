@@ -45,7 +45,7 @@ from common.dist import (
     seed_everything,
     wrap_model,
 )
-from common.generation import demo_eval, generate
+from common.generation import demo_eval, generate, sample_key
 from common.models import load_causal_lm, load_sequence_classifier, load_tokenizer
 from common.tracking import make_tracker
 from common.training import (
@@ -184,21 +184,21 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = mask.sum()
-        var = var * n / (n - 1).clamp(min=1)
-    return var
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, dist=None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased variance); with shift_mean=False the mean is kept.
 
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; with shift_mean=False the mean is added back (for rewards)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    With `dist`, the statistics are those of every rank's entries together, so the result does not depend on
+    how the batch is split across processes.
+    """
+    sums = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    if dist is not None:
+        dist.all_reduce(sums)
+    total, total_sq, n = sums.unbind()
+    mean = total / n.clamp(min=1)
+    var = (total_sq / n.clamp(min=1) - mean**2).clamp(min=0) * n / (n - 1).clamp(min=1)
+    out = (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + 1e-8)
     if not shift_mean:
-        out = out + mean
+        out = out + mean.to(x.dtype)
     return out * mask
 
 
@@ -238,26 +238,31 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return advantages, advantages + values
 
 
-def ppo_policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange: float):
+def ppo_policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange: float, num_tokens=None):
     """Clipped surrogate (PPO eq. 7), as a loss: mean over tokens of max(-A r, -A clip(r, 1-eps, 1+eps)).
 
-    Returns (loss, clipfrac, approxkl) with approxkl = 0.5 E[(log r)^2] (lm-human-preferences).
+    The mean divides by `num_tokens` when given (the tokens of the whole minibatch, so that micro-batches and
+    ranks add up to the minibatch mean), else by this batch's tokens. Returns (loss, clipfrac, approxkl) with
+    approxkl = 0.5 E[(log r)^2] (lm-human-preferences) over this batch.
     """
     log_ratio = new_logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     losses = -advantages * ratio
     losses_clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
-    loss = masked_mean(torch.max(losses, losses_clipped), mask)
+    loss = (torch.max(losses, losses_clipped) * mask).sum() / (
+        num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
+    )
     clipfrac = masked_mean((losses_clipped > losses).float(), mask)
     approxkl = 0.5 * masked_mean(log_ratio**2, mask)
     return loss, clipfrac.detach(), approxkl.detach()
 
 
-def ppo_value_loss(new_values, old_values, returns, mask, cliprange_value: float):
+def ppo_value_loss(new_values, old_values, returns, mask, cliprange_value: float, num_tokens=None):
     """Clipped value loss: 0.5 mean max((V - R)^2, (clip(V, V_old +- eps) - R)^2). Returns (loss, clipfrac)."""
     clipped = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
     losses, losses_clipped = (new_values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), mask)
+    denom = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
+    loss = 0.5 * (torch.max(losses, losses_clipped) * mask).sum() / denom
     return loss, masked_mean((losses_clipped > losses).float(), mask).detach()
 
 
@@ -418,10 +423,12 @@ if __name__ == "__main__":
         t_rollout = time.time()
         idx = dist.shard(data.step_indices(len(prompts.records), rollout_batch_size, update, args.seed))
         query_list = [prompts.records[i] for i in idx]
+        # randomness keyed by (seed, update, position in the global batch): the same samples on any number of ranks
+        keys = [sample_key(args.seed, update, dist.rank * len(idx) + k) for k in range(len(idx))]
         try:
             response_list = generate(policy, query_list, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                                      max_new_tokens=args.response_length, dist=dist, temperature=args.temperature,
-                                     top_k=args.top_k, top_p=args.top_p, generator=generator)  # fmt: skip
+                                     top_k=args.top_k, top_p=args.top_p, sample_keys=keys)  # fmt: skip
         except FloatingPointError as e:  # a NaN policy cannot even sample: stop, naming the update
             raise NonFiniteLoss(f"non-finite logits at step {update} (rollout): {e}") from e
         queries = data.pad(query_list, tokenizer.pad_token_id, side="left").to(dist.device)  # (B, P)
@@ -463,24 +470,25 @@ if __name__ == "__main__":
         rewards = non_score_reward.clone()
         rewards[torch.arange(len(idx), device=dist.device), last] += scores
         if args.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False)
+            rewards = whiten(rewards, mask, shift_mean=False, dist=dist)
 
-        # 4. advantages (GAE) and returns; advantages whitened over the rank's response tokens
+        # 4. advantages (GAE) and returns; advantages whitened over the global batch's response tokens
         advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)
-        advantages = whiten(advantages, mask)
+        advantages = whiten(advantages, mask, dist=dist)
         t_score = time.time() - t_score
 
         # 5. PPO epochs over minibatches, with gradient accumulation
         t_train = time.time()
-        stats = torch.zeros(
-            6, dtype=torch.float64, device=dist.device
-        )  # approxkl, clipfrac, pg loss, vf loss, vf clipfrac, count
+        # per micro-batch: approxkl, clipfrac, value clipfrac, count; per minibatch: policy loss, value loss, count
+        stats = torch.zeros(7, dtype=torch.float64, device=dist.device)
         nonfinite = False
         for _epoch in range(args.ppo_epochs):
             order = torch.randperm(len(idx), generator=generator, device=dist.device).tolist()
             for mb_start in range(0, len(idx), local_mini_batch_size):
                 mini = order[mb_start : mb_start + local_mini_batch_size]
                 micro = [mini[i : i + local_micro_batch_size] for i in range(0, len(mini), local_micro_batch_size)]
+                # the minibatch's token mean, over all ranks; FSDP averages gradients over ranks, hence / world size
+                num_tokens = dist.sum(mask[mini].sum().item()) / dist.world_size
                 for k, mi in enumerate(micro):
                     if dist.enabled:
                         for m in (policy, value_model):
@@ -491,25 +499,18 @@ if __name__ == "__main__":
                         new_logprobs = response_logprobs(policy, q, r, tokenizer.pad_token_id, args.temperature)
                         new_values, _ = per_token_scores(value_model, q, r, tokenizer.pad_token_id)
                     pg_loss, clipfrac, approxkl = ppo_policy_loss(
-                        new_logprobs, old_logprobs[mi], advantages[mi], mk, args.cliprange
+                        new_logprobs, old_logprobs[mi], advantages[mi], mk, args.cliprange, num_tokens
                     )
                     vf_loss, vf_clipfrac = ppo_value_loss(
-                        new_values, old_values[mi], returns[mi], mk, args.cliprange_value
+                        new_values, old_values[mi], returns[mi], mk, args.cliprange_value, num_tokens
                     )
-                    loss = (pg_loss + args.vf_coef * vf_loss) / len(micro)
+                    loss = pg_loss + args.vf_coef * vf_loss
                     if not torch.isfinite(loss):
                         nonfinite = True
                     loss.backward()
-                    stats += torch.stack(
-                        [
-                            approxkl,
-                            clipfrac,
-                            pg_loss.detach(),
-                            vf_loss.detach(),
-                            vf_clipfrac,
-                            torch.ones((), device=dist.device),
-                        ]
-                    ).double()
+                    stats[:4] += torch.stack([approxkl, clipfrac, vf_clipfrac, torch.ones_like(approxkl)]).double()
+                    stats[4:6] += torch.stack([pg_loss.detach(), vf_loss.detach()]).double()
+                stats[6] += 1
                 if nonfinite_step(torch.tensor(float("nan") if nonfinite else 0.0), update, dist, args.skip_nonfinite):
                     policy_opt.zero_grad(set_to_none=True)
                     value_opt.zero_grad(set_to_none=True)
@@ -547,11 +548,11 @@ if __name__ == "__main__":
                 "objective/rlhf_reward": (sums[2].item() + sums[1].item()) / n,
                 "objective/scores": sums[2].item() / n,
                 "objective/raw_scores": sums[3].item() / n,
-                "ppo/policy/approxkl_avg": stats[0].item() / stats[5].item(),
-                "ppo/policy/clipfrac_avg": stats[1].item() / stats[5].item(),
-                "ppo/loss/policy_avg": stats[2].item() / stats[5].item(),
-                "ppo/loss/value_avg": stats[3].item() / stats[5].item(),
-                "ppo/val/clipfrac_avg": stats[4].item() / stats[5].item(),
+                "ppo/policy/approxkl_avg": stats[0].item() / stats[3].item(),
+                "ppo/policy/clipfrac_avg": stats[1].item() / stats[3].item(),
+                "ppo/loss/policy_avg": stats[4].item() / stats[6].item(),
+                "ppo/loss/value_avg": stats[5].item() / stats[6].item(),
+                "ppo/val/clipfrac_avg": stats[2].item() / stats[3].item(),
                 "ppo/val/num_eos_tokens": sums[4].item(),
                 "ppo/val/response_length": sums[5].item() / n,
                 "ppo/lr": policy_sched.get_last_lr()[0],

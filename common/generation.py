@@ -21,8 +21,51 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
-    """One token per row from (B, V) logits; temperature 0 is greedy."""
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x < 2^32 held in int64, without overflowing int64 (two 16-bit halves of c)."""
+    return (x * (c & 0xFFFF) + ((x * (c >> 16)) & 0xFFFF) * 65536) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (the "lowbias32" finaliser): every input bit flips about half the output bits."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def sample_key(*parts: int) -> int:
+    """One 32-bit sampling key from integers (e.g. seed, update, prompt index)."""
+    h = torch.tensor(0, dtype=torch.int64)
+    for p in parts:
+        h = _mix32((h + _mix32(torch.tensor(p & _M32, dtype=torch.int64))) & _M32)
+    return int(h)
+
+
+def keyed_uniform(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """(B, V) uniforms in (0, 1) that depend only on (key, step, token id): counter-based randomness.
+
+    Sampling with these makes a prompt's response independent of which rank, batch or position it was
+    generated in, so runs on 1 or N processes, or with other generation batch sizes, sample the same tokens.
+    """
+    row = _mix32((_mix32(keys.to(torch.int64) & _M32) + step) & _M32)  # (B,)
+    col = _mix32(torch.arange(vocab, device=keys.device, dtype=torch.int64))  # (V,)
+    bits = _mix32((row[:, None] ^ col[None, :]) & _M32)  # (B, V)
+    return (bits.double() + 0.5) / 4294967296.0
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator, uniforms: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One token per row from (B, V) logits; temperature 0 is greedy.
+
+    With `uniforms` (B, V) the draw is the Gumbel-max trick, argmax(logits / T - log(-log u)), an exact sample
+    of softmax(logits / T) that is a deterministic function of the uniforms; else torch.multinomial.
+    """
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -36,6 +79,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop = probs.cumsum(-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    if uniforms is not None:
+        return (logits.double() - torch.log(-torch.log(uniforms))).argmax(-1)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -53,9 +98,14 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    sample_keys: list[int] | None = None,
     batch_size: int = 256,
 ) -> list[list[int]]:
     """Responses to token-id prompts, each cut after its first EOS (the EOS is kept).
+
+    Sampling draws from `generator`, or, given one `sample_keys` entry per prompt, from counter-based
+    randomness keyed by (key, token position): then a prompt's response does not depend on the rank or the
+    batch it is generated in.
 
     Every rank must pass the same number of prompts: the loop runs until all ranks are done, so that FSDP
     and the stopping all-reduce stay in step.
@@ -89,7 +139,11 @@ def generate(
                 if torch.isnan(logits).any():
                     raise FloatingPointError(f"NaN logits at generated token {len(tokens)}: the model is non-finite")
                 logits[:, pad_id] = float("-inf")  # padding is never a token of an answer
-                nxt = sample_next(logits, temperature, top_k, top_p, generator)
+                uniforms = None
+                if sample_keys is not None and temperature > 0:
+                    keys = torch.tensor(sample_keys[b * batch_size : (b + 1) * batch_size], device=dist.device)
+                    uniforms = keyed_uniform(keys, len(tokens), logits.shape[-1])
+                nxt = sample_next(logits, temperature, top_k, top_p, generator, uniforms)
                 nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
                 tokens.append(nxt)
                 done |= nxt == eos_id

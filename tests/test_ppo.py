@@ -183,6 +183,29 @@ def test_smoke_run(tiny_stack, tmp_path):
     AutoModelForSequenceClassification.from_pretrained(out / "value_model")
 
 
+def test_torchrun_two_processes_match_one(tiny_stack, tmp_path):
+    """Same global batch (16 prompts, one minibatch): sampling keyed by prompt position, advantages whitened
+    and losses averaged over the global batch, so 2 ranks x 8 prompts = 1 rank x 16 prompts."""
+    policy, rm = tiny_stack
+    args = ["--model-path", str(policy), "--reward-model-path", str(rm), "--total-episodes", "48", "--num-minibatches", "1",
+            "--response-length", "10", "--demo-eval-prompts", "0", "--sample-every", "0", "--save-every", "0"]  # fmt: skip
+    run_script("ppo.py", *args, "--output-dir", str(tmp_path / "one"), "--local-rollout-batch-size", "16")
+    run_script("ppo.py", *args, "--output-dir", str(tmp_path / "two"), "--local-rollout-batch-size", "8", nproc=2)
+
+    def series(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [
+            [r[k] for k in ("ppo/loss/policy_avg", "ppo/loss/value_avg", "objective/kl", "objective/scores")]
+            for r in rows
+            if "ppo/lr" in r
+        ]
+
+    one, two = series(tmp_path / "one"), series(tmp_path / "two")
+    assert len(one) == 3
+    for a, b in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+
+
 def test_torchrun_two_processes(tiny_stack, tmp_path):
     policy, rm = tiny_stack
     out = tmp_path / "ppo2"
