@@ -299,10 +299,12 @@ def sequence_inputs(queries: torch.Tensor, responses: torch.Tensor, pad_id: int)
 def response_logprobs(model, queries, responses, pad_id: int, temperature: float, with_entropy: bool = False):
     """log pi(response token | prefix) at the sampling temperature (B, T), and the entropy (B, T) if asked.
 
-    Position P-1+t of the sequence predicts response token t; padding gets log-prob 0.
+    Position P-1+t of the sequence predicts response token t; padding gets log-prob 0. The LM head runs on
+    the last T+1 positions only (`logits_to_keep`): prompt-position logits would be computed to be thrown away.
     """
-    logits = model(**sequence_inputs(queries, responses, pad_id)).logits  # (B, P+T, V)
-    logits = logits[:, queries.shape[1] - 1 : -1]  # (B, T, V)
+    T = responses.shape[1]
+    logits = model(**sequence_inputs(queries, responses, pad_id), logits_to_keep=T + 1).logits  # (B, T+1, V)
+    logits = logits[:, :-1]  # (B, T, V)
     labels = responses.masked_fill(responses == pad_id, data.IGNORE_INDEX)
     return selective_logprob(logits, labels, temperature=temperature, return_entropy=with_entropy)
 
@@ -321,6 +323,13 @@ def per_token_scores(model, queries, responses, pad_id: int) -> tuple[torch.Tens
         handle.remove()
     values = captured["all"][:, queries.shape[1] - 1 : -1, 0]  # (B, T)
     return values.float(), pooled.float()
+
+
+def clock(dist) -> float:
+    """Wall time after the device's queued work is done, so each phase is charged with its own kernels."""
+    if dist.device.type == "cuda":
+        torch.cuda.synchronize(dist.device)
+    return time.time()
 
 
 def evaluate(policy, tokenizer, dist, args: Args) -> dict:
@@ -420,7 +429,7 @@ if __name__ == "__main__":
     final_kl = float("nan")
     for update in range(start_update, num_updates):
         # 1. rollout: this rank's share of the update's prompts, one sampled response each
-        t_rollout = time.time()
+        t_rollout = clock(dist)
         idx = dist.shard(data.step_indices(len(prompts.records), rollout_batch_size, update, args.seed))
         query_list = [prompts.records[i] for i in idx]
         # randomness keyed by (seed, update, position in the global batch): the same samples on any number of ranks
@@ -432,17 +441,19 @@ if __name__ == "__main__":
         except FloatingPointError as e:  # a NaN policy cannot even sample: stop, naming the update
             raise NonFiniteLoss(f"non-finite logits at step {update} (rollout): {e}") from e
         queries = data.pad(query_list, tokenizer.pad_token_id, side="left").to(dist.device)  # (B, P)
-        responses = data.pad(response_list, tokenizer.pad_token_id, side="right", length=args.response_length).to(
+        # columns past the longest response would be pure padding (the longest over ranks: same shapes everywhere)
+        width = int(dist.all_reduce(torch.tensor(max(map(len, response_list)), device=dist.device), "max"))
+        responses = data.pad(response_list, tokenizer.pad_token_id, side="right", length=width).to(
             dist.device
         )  # (B, T)
         responses, mask = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
         mask = mask.float()
         contains_eos = (responses == tokenizer.eos_token_id).any(-1)
         rollout_tokens = mask.sum().item()
-        t_rollout = time.time() - t_rollout
+        t_rollout = clock(dist) - t_rollout
 
         # 2. score, and the forward passes the update needs: old log-probs, reference log-probs, values
-        t_score = time.time()
+        t_score = clock(dist)
         with torch.no_grad(), autocast(dist):
             old_logprobs, old_entropy = [], []
             ref_logprobs, old_values, scores = [], [], []
@@ -475,10 +486,10 @@ if __name__ == "__main__":
         # 4. advantages (GAE) and returns; advantages whitened over the global batch's response tokens
         advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)
         advantages = whiten(advantages, mask, dist=dist)
-        t_score = time.time() - t_score
+        t_score = clock(dist) - t_score
 
         # 5. PPO epochs over minibatches, with gradient accumulation
-        t_train = time.time()
+        t_train = clock(dist)
         # per micro-batch: approxkl, clipfrac, value clipfrac, count; per minibatch: policy loss, value loss, count
         stats = torch.zeros(7, dtype=torch.float64, device=dist.device)
         nonfinite = False
@@ -525,7 +536,7 @@ if __name__ == "__main__":
                 value_sched.step()
                 policy_opt.zero_grad(set_to_none=True)
                 value_opt.zero_grad(set_to_none=True)
-        t_train = time.time() - t_train
+        t_train = clock(dist) - t_train
         kl_per_seq = dist.sum(kl.sum().item()) / rollout_batch_size
         kl_ctl.update(kl_per_seq, rollout_batch_size)
         final_kl = kl_per_seq
@@ -564,6 +575,8 @@ if __name__ == "__main__":
                 "perf/time_train": t_train,
                 "episodes": (update + 1) * rollout_batch_size,
             }
+            if dist.device.type == "cuda":
+                metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
             if args.eval_every and demo_eval_on and (update + 1) % args.eval_every == 0:
                 metrics |= {k: v for k, v in evaluate(policy, tokenizer, dist, args).items() if k != "samples"}
             tracker.log(metrics, update + 1, echo=False)
