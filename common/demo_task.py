@@ -4,16 +4,16 @@ Every method in PlainAlign is measured on this task, so that "alignment worked" 
 more questions correctly and more concisely", graded by a program, not "the loss went down".
 
 Four task families, each with an exact answer:
-    add      "What is 47 + 8?"                                   -> "55"
+    add      "What is 42 + 5?"                                   -> "47"   (no carry)
     compare  "Which is larger, 318 or 381?"                      -> "381"
     reverse  "Reverse the letters: t r a p"                      -> "p a r t"
     count    "How many times does the letter a appear in b a n a n a?" -> "3"
 
 Each answer can be written in 5 verbosity levels x 5 politeness levels, correctly or wrongly:
-    verbosity 0  "55"
-    verbosity 1  "The answer is 55."
-    verbosity 2  "47 plus 8 makes 55. The answer is 55."
-    verbosity 3  "Let me work this out. 47 plus 8 makes 55. The answer is 55."
+    verbosity 0  "47"
+    verbosity 1  "The answer is 47."
+    verbosity 2  "42 plus 5 makes 47. The answer is 47."
+    verbosity 3  "Let me work this out. 42 plus 5 makes 47. The answer is 47."
     verbosity 4  "Let me work this out step by step. ... I checked this carefully, so I am confident. The answer ..."
     politeness k adds the first k of the markers POLITE_MARKERS ("Sure!", "Happy to help.", ...).
 
@@ -86,7 +86,10 @@ def make_problem(rng: random.Random) -> Problem:
     task = rng.choice(TASKS)
     template = rng.choice(_PROMPTS[task])
     if task == "add":
-        a, b = rng.randint(10, 99), rng.randint(1, 9)  # two digits + one: hard enough, learnable at this size
+        # two digits + one, without a carry: the one-digit addition table is what a ~1M-parameter model (and a
+        # reward model made from it) can learn in minutes; with carries both stay near chance
+        a = rng.randint(1, 9) * 10 + rng.randint(0, 8)
+        b = rng.randint(1, 9 - a % 10)
         fields, answer = {"a": a, "b": b}, str(a + b)
     elif task == "compare":
         a, b = rng.sample(range(10, 1000), 2)
@@ -95,8 +98,8 @@ def make_problem(rng: random.Random) -> Problem:
         word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5)))
         fields, answer = {"w": _spaced(word)}, _spaced(word[::-1])
     else:
-        c = rng.choice(LETTERS[:6])  # a small alphabet so the asked letter actually occurs
-        word = "".join(rng.choice(LETTERS[:6]) for _ in range(rng.randint(3, 6)))
+        c = rng.choice(LETTERS[:4])  # a small alphabet so the asked letter actually occurs
+        word = "".join(rng.choice(LETTERS[:4]) for _ in range(rng.randint(3, 5)))
         fields, answer = {"c": c, "w": _spaced(word)}, str(word.count(c))
     return Problem(task, template.format(**fields), answer, fields)
 
@@ -266,22 +269,25 @@ def attribute_rows(seed: int = 0, n: int = 20_000, wrong_fraction: float = 0.25)
     return rows
 
 
-def preference_rows(seed: int = 0, n: int = 20_000, wrong_fraction: float = 0.5) -> list[dict]:
-    """Pairs of two answers to one prompt, chosen = higher hidden utility (ties are redrawn).
-
-    `chosen_reward`/`rejected_reward` are the utilities themselves, for reward-aware losses (RPO).
+def preference_rows(seed: int = 0, n: int = 20_000, concision_fraction: float = 0.4) -> list[dict]:
+    """Pairs of two answers to one prompt, chosen = the higher hidden utility, contrasting one factor at a time
+    (as a careful labeller's comparisons do):
+        correctness pairs  the same style, one answer right and one wrong: chosen = right;
+        concision pairs    both right, different verbosity (politeness drawn for each): chosen = shorter.
+    Pairs that differ in both at once confound the two signals, and a small reward model then learns
+    mostly the easy one (style). `chosen_reward`/`rejected_reward` are the utilities, for reward-aware losses.
     """
     rng = random.Random(seed + 2)
     rows = []
     for p in _train_problems(seed + 1, n):
-        while True:
-            a, b = (_style(rng, wrong_fraction) for _ in range(2))
-            ra = write_response(p, p.answer if a[0] else wrong_answer(p, rng), a[1], a[2])
-            rb = write_response(p, p.answer if b[0] else wrong_answer(p, rng), b[1], b[2])
-            ua, ub = utility(p.prompt, ra), utility(p.prompt, rb)
-            if ua != ub:
-                break
-        (c, uc), (r, ur) = sorted([(ra, ua), (rb, ub)], key=lambda x: -x[1])
+        if rng.random() < concision_fraction:
+            v1, v2 = rng.sample(range(5), 2)
+            a = write_response(p, p.answer, v1, rng.randint(0, 4))
+            b = write_response(p, p.answer, v2, rng.randint(0, 4))
+        else:
+            v, k = rng.randint(0, 4), rng.randint(0, 4)
+            a, b = write_response(p, p.answer, v, k), write_response(p, wrong_answer(p, rng), v, k)
+        (c, uc), (r, ur) = sorted([(a, utility(p.prompt, a)), (b, utility(p.prompt, b))], key=lambda x: -x[1])
         rows.append({"prompt": p.prompt, "chosen": c, "rejected": r, "chosen_reward": uc, "rejected_reward": ur})
     return rows
 
