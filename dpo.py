@@ -403,8 +403,10 @@ if __name__ == "__main__":
         train_ref, eval_ref = torch.zeros(len(train.records), width), torch.zeros(len(evals.records), width)
     elif args.precompute_ref_logprobs:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        key = hashlib.sha256(json.dumps([ref_path, data_path, eval_source, average, args.max_seq_len, args.max_prompt_len,
-                                         len(train.records), len(evals.records)]).encode()).hexdigest()  # fmt: skip
+        # the numbers depend on the reference and on the exact token ids, so the key hashes exactly those
+        fields = ("prompt_ids", "completion_ids") if kto else ("prompt_ids", "chosen_ids", "rejected_ids")
+        tokens = [[e[f] for f in fields] for e in train.records + evals.records]
+        key = hashlib.sha256(json.dumps([ref_path, average, tokens]).encode()).hexdigest()
         cache = Path(args.output_dir) / "ref_logprobs.pt"
         both = cached_reference(cache, key, dist, lambda: reference_logprobs(
             ref_model, train.records + evals.records, args, dist, tokenizer.pad_token_id, kto))  # fmt: skip

@@ -123,20 +123,23 @@ def solve(prompt: str) -> str | None:
 
 
 def wrong_answer(problem: Problem, rng: random.Random) -> str:
-    """A plausible mistake: off by a little, the smaller number, the unreversed word, a miscount."""
+    """A clear mistake: the tens digit off, the smaller number, the letters not reversed, a count off by 2+.
+
+    Mistakes a checker can see without redoing the whole computation keep the hidden utility learnable by a
+    ~1M-parameter reward model in minutes; near misses (off by one) left it near chance on add and count.
+    """
     f = problem.fields
     if problem.task == "add":
-        return str(int(problem.answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
+        return str(int(problem.answer) + rng.choice([-20, -10, 10, 20]))
     if problem.task == "compare":
         return str(min(f["a"], f["b"]))
     if problem.task == "reverse":
-        letters = problem.answer.split()
-        for _ in range(10):
-            rng.shuffle(letters)
-            if _spaced("".join(letters)) != problem.answer:
-                return _spaced("".join(letters))
-        return f["w"] if f["w"] != problem.answer else problem.answer + " a"
-    return str(max(0, int(problem.answer) + rng.choice([-1, 1])) if problem.answer != "0" else 1)
+        if f["w"] != problem.answer:
+            return f["w"]
+        letters = problem.answer.split()  # a palindrome: reversing changes nothing, so drop a letter
+        return _spaced("".join(letters[:-1]))
+    truth = int(problem.answer)
+    return str(rng.choice([c for c in range(0, 7) if abs(c - truth) >= 2]))
 
 
 def write_response(problem: Problem, answer: str, verbosity: int, politeness: int) -> str:
@@ -241,7 +244,7 @@ def _style(rng: random.Random, wrong_fraction: float) -> tuple[bool, int, int]:
     return rng.random() >= wrong_fraction, rng.randint(0, 4), rng.randint(0, 4)
 
 
-def sft_rows(seed: int = 0, n: int = 50_000, wrong_fraction: float = 0.25) -> list[dict]:
+def sft_rows(seed: int = 0, n: int = 30_000, wrong_fraction: float = 0.25) -> list[dict]:
     """Imperfect demonstrations: `wrong_fraction` of answers are wrong, verbosity and politeness uniform."""
     rng = random.Random(seed + 1)
     rows = []

@@ -164,8 +164,16 @@ def test_precomputed_reference_equals_on_the_fly(demo_base, pref_data, tmp_path)
     first = json.loads((tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["train/loss"] == pytest.approx(0.693147, abs=1e-4)  # -log sigmoid(0) at the start
     # a second run reuses the cache (same key) and still matches
+    key = torch.load(tmp_path / "pre" / "ref_logprobs.pt", weights_only=False)["key"]
     run_script("dpo.py", *args, "--output-dir", str(tmp_path / "pre"), "--precompute-ref-logprobs")
     assert losses(tmp_path / "pre") == pytest.approx(losses(tmp_path / "live"), rel=1e-5, abs=1e-6)
+    assert torch.load(tmp_path / "pre" / "ref_logprobs.pt", weights_only=False)["key"] == key
+    # other data of the same size must not reuse the stale numbers
+    other = demo_task.write_jsonl(demo_task.preference_rows(seed=9, n=300), tmp_path / "other.jsonl")
+    other_args = [a if a != str(pref_data["pairs"]) else str(other) for a in args]
+    run_script("dpo.py", *other_args, "--output-dir", str(tmp_path / "pre"), "--precompute-ref-logprobs")
+    assert torch.load(tmp_path / "pre" / "ref_logprobs.pt", weights_only=False)["key"] != key
+    assert losses(tmp_path / "pre")[0] == pytest.approx(0.693147, abs=1e-4)  # recomputed: policy == reference again
 
 
 def test_torchrun_two_processes_match_one(demo_base, pref_data, tmp_path):
