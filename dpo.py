@@ -335,7 +335,14 @@ def evaluate(model, items: list[dict], ref_logps: torch.Tensor, args: Args, dist
         losses, rc, rr = preference_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], args.loss_type, args.beta,
                                          args.label_smoothing, args.simpo_gamma, *data_r, args.rpo_eta)  # fmt: skip
         total += torch.stack(
-            [losses.sum(), rc.sum(), rr.sum(), (rc > rr).sum(), (rc - rr).sum(), torch.tensor(len(mb))]
+            [
+                losses.sum(),
+                rc.sum(),
+                rr.sum(),
+                (rc > rr).sum(),
+                (rc - rr).sum(),
+                torch.tensor(len(mb), device=dist.device),
+            ]
         ).double()
     dist.all_reduce(total)
     model.train()
@@ -500,8 +507,8 @@ if __name__ == "__main__":
             (losses.sum() / len(local)).backward()
             stats += torch.stack([
                 losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
-                (chosen_rewards > rejected_rewards).sum() if not kto else torch.zeros(()),
-                (chosen_rewards - rejected_rewards).sum() if not kto else torch.zeros(()),
+                (chosen_rewards > rejected_rewards).sum() if not kto else torch.zeros((), device=dist.device),
+                (chosen_rewards - rejected_rewards).sum() if not kto else torch.zeros((), device=dist.device),
                 chosen_logps.detach().sum(), rejected_logps.detach().sum(), nll.detach(),
             ]).double()  # fmt: skip
             seqs += len(mb) * (1 if kto else 2)

@@ -171,7 +171,12 @@ def evaluate(model, items: list[dict], args: Args, dist, pad_id: int, names: lis
                 r = scores(model, [e["chosen"] for e in mb] + [e["rejected"] for e in mb], pad_id, dist.device)[:, 0]
             rc, rr = r[: len(mb)], r[len(mb) :]
             total += torch.stack(
-                [(rc > rr).sum(), (rc - rr).sum(), -F.logsigmoid(rc - rr).sum(), torch.tensor(len(mb))]
+                [
+                    (rc > rr).sum(),
+                    (rc - rr).sum(),
+                    -F.logsigmoid(rc - rr).sum(),
+                    torch.tensor(len(mb), device=dist.device),
+                ]
             ).double()
             all_scores.append(r)
         dist.all_reduce(total)

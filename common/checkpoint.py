@@ -26,12 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.dist import reshard
+
 STATE_DIR = "trainer_state"
 
 
 def _full_state_dict(model: torch.nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    reshard(model)
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -84,6 +87,8 @@ def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
 def _dcp_state(models: dict, optimizers: dict) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    for m in models.values():
+        reshard(m)
     state = {f"model.{k}": get_model_state_dict(m) for k, m in models.items()}
     for k, opt in optimizers.items():
         state[f"optim.{k}"] = get_optimizer_state_dict(models[k], opt)

@@ -142,6 +142,8 @@ def load_train_eval(
     `data_path`. Returns (train, eval, eval_source)."""
     rows = load_rows(data_path)
     if eval_data is None:
+        if eval_size < 1:
+            raise ValueError(f"--eval-size must be at least 1 (got {eval_size}), or pass --eval-data")
         if len(rows) <= eval_size:
             raise ValueError(f"{data_path}: {len(rows)} rows, not more than --eval-size {eval_size}")
         train_rows, eval_rows, eval_source, eval_first = (

@@ -161,6 +161,20 @@ def autocast(dist: Dist):
     return torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Put an FSDP2 model's parameters back in sharded form (a no-op without FSDP).
+
+    After a forward, FSDP2's root module keeps its parameters unsharded, expecting a backward. After a no-grad
+    forward (evaluation, reference log-probs) none comes; a state dict taken then (checkpoint) or an optimizer
+    built then would see the unsharded tensors instead of the sharded parameters.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 @contextmanager
 def gathered_for_generation(model: torch.nn.Module):
     """Unshard an FSDP2 model once for a whole generation, instead of all-gathering at every token.

@@ -136,8 +136,8 @@ def generate(
                 )
                 past = getattr(o, cache_kw)
                 logits = o.logits[:, -1].float()  # (B, V)
-                if torch.isnan(logits).any():
-                    raise FloatingPointError(f"NaN logits at generated token {len(tokens)}: the model is non-finite")
+                nan = torch.isnan(logits).any(-1)  # (B,) checked with the stopping all-reduce below, on every rank
+                logits = torch.where(nan[:, None], torch.zeros_like(logits), logits)
                 logits[:, pad_id] = float("-inf")  # padding is never a token of an answer
                 uniforms = None
                 if sample_keys is not None and temperature > 0:
@@ -147,7 +147,13 @@ def generate(
                 nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
                 tokens.append(nxt)
                 done |= nxt == eos_id
-                if dist.sum(float((~done).sum())) == 0:
+                # one all-reduce per token: are any rows still going, and did any rank see NaN logits?
+                flags = dist.all_reduce(torch.stack([(~done).sum(), nan.sum()]).double())
+                if flags[1] > 0:  # raised on every rank together, so none waits forever for the others
+                    raise FloatingPointError(
+                        f"NaN logits at generated token {len(tokens) - 1}: the model is non-finite"
+                    )
+                if flags[0] == 0:
                     break
                 step_ids = nxt[:, None]
                 step_pos = step_pos[:, -1:] + 1

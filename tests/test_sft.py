@@ -78,8 +78,9 @@ def test_micro_batch_times_accumulation_invariance(baseline, demo_base, sft_data
 
 def test_torchrun_two_processes_match_one(baseline, demo_base, sft_data, tmp_path):
     """2 ranks x micro 16 = the same global batch of 32 as the baseline: the same losses."""
+    # an evaluation (no backward) right before a checkpoint: FSDP must be resharded before the state is read
     run_script("sft.py", "--model-path", str(demo_base), "--data", str(sft_data), "--output-dir", str(tmp_path),
-               "--local-micro-batch-size", "16", *COMMON, nproc=2)  # fmt: skip
+               "--local-micro-batch-size", "16", *COMMON, "--eval-every", "6", "--save-every", "6", nproc=2)  # fmt: skip
     assert losses(tmp_path) == pytest.approx(losses(baseline), rel=1e-5, abs=1e-6)
     state = json.loads((tmp_path / "trainer_state" / "COMPLETE").read_text())
     assert state == {"world_size": 2, "step": STEPS}
