@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 from common import data, demo_task
-from conftest import ROOT, run_script, script_env
+from conftest import run_script
 
 STEPS = 12
 COMMON = ["--total-steps", str(STEPS), "--log-every", "1", "--eval-every", "0", "--save-every", "0",
@@ -86,68 +82,7 @@ def test_torchrun_two_processes_match_one(baseline, demo_base, sft_data, tmp_pat
     assert state == {"world_size": 2, "step": STEPS}
 
 
-def _start(demo_base, sft_data, out, *extra):
-    cmd = [sys.executable, "sft.py", "--model-path", str(demo_base), "--data", str(sft_data), "--output-dir", str(out),
-           "--local-micro-batch-size", "16", "--gradient-accumulation-steps", "2", *COMMON, *extra]  # fmt: skip
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def _wait_for_checkpoint(proc, out, timeout=120):
-    marker = out / "trainer_state" / "COMPLETE"
-    deadline = time.time() + timeout
-    while not marker.exists():
-        assert proc.poll() is None, f"run ended before its first checkpoint:\n{proc.stdout.read()}"
-        assert time.time() < deadline, "no checkpoint in time"
-        time.sleep(0.005)
-
-
-def test_kill9_then_resume_equals_uninterrupted(baseline, demo_base, sft_data, tmp_path):
-    proc = _start(demo_base, sft_data, tmp_path, "--save-every", "2", "--total-steps", str(STEPS))
-    _wait_for_checkpoint(proc, tmp_path)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    resumed_from = json.loads((tmp_path / "trainer_state" / "COMPLETE").read_text())["step"]
-    assert resumed_from < STEPS
-    run_script("sft.py", "--model-path", str(demo_base), "--data", str(sft_data), "--output-dir", str(tmp_path),
-               "--local-micro-batch-size", "16", "--gradient-accumulation-steps", "2", *COMMON, "--resume")  # fmt: skip
-    assert losses(tmp_path) == pytest.approx(losses(baseline), rel=1e-6, abs=1e-7)
-
-
-def test_sigterm_saves_and_exits_zero(demo_base, sft_data, tmp_path):
-    proc = _start(demo_base, sft_data, tmp_path, "--total-steps", "100000")
-    deadline = time.time() + 120
-    while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text().strip():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
-    assert "SIGTERM: checkpoint saved at step" in output and str(tmp_path) in output
-    step = json.loads((tmp_path / "trainer_state" / "COMPLETE").read_text())["step"]
-    assert step >= 1
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(tmp_path)  # the exported model is usable at once
-
-
-def test_nonfinite_loss_stops_with_the_step_or_is_skipped(demo_base, sft_data, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    broken = tmp_path / "nan_model"
-    model = AutoModelForCausalLM.from_pretrained(demo_base)
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    model.save_pretrained(broken)
-    AutoTokenizer.from_pretrained(demo_base).save_pretrained(broken)
-    args = ["--model-path", str(broken), "--data", str(sft_data), *COMMON, "--total-steps", "3"]
-    proc = run_script("sft.py", *args, "--output-dir", str(tmp_path / "a"), check=False)
-    assert proc.returncode != 0
-    assert "non-finite loss at step 0 (NaN or Inf)" in proc.stderr
-    run_script("sft.py", *args, "--output-dir", str(tmp_path / "b"), "--skip-nonfinite")
-    assert json.loads((tmp_path / "b" / "eval.json").read_text())["train/skipped_steps"] == 3
+# kill -9 + resume, SIGTERM and NaN handling of sft.py are in tests/test_faults.py, with every other script.
 
 
 def test_bad_data_row_names_file_row_and_field(demo_base, tmp_path):
