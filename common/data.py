@@ -617,4 +617,4 @@ def resolve_data_path(spec: str, kind: str, dist) -> str:
     if dist.is_main:
         demo_task.ensure_data(kind)
     dist.barrier()
-    return str(demo_task.DEMO_DATA_DIR / f"{kind}.jsonl")
+    return str(demo_task.demo_data_path(kind))

@@ -272,24 +272,32 @@ def attribute_rows(seed: int = 0, n: int = 20_000, wrong_fraction: float = 0.25)
     return rows
 
 
-def preference_rows(seed: int = 0, n: int = 20_000, concision_fraction: float = 0.4) -> list[dict]:
-    """Pairs of two answers to one prompt, chosen = the higher hidden utility, contrasting one factor at a time
-    (as a careful labeller's comparisons do):
+def preference_rows(seed: int = 0, n: int = 20_000, concision_fraction: float = 0.3) -> list[dict]:
+    """Pairs of two answers to one prompt, chosen = the higher hidden utility, of three kinds:
         correctness pairs  the same style, one answer right and one wrong: chosen = right;
+        trade-off pairs    a right answer against a wrong one that is terser: chosen = right (being correct
+                           outweighs any amount of concision);
         concision pairs    both right, different verbosity (politeness drawn for each): chosen = shorter.
-    Pairs that differ in both at once confound the two signals, and a small reward model then learns
-    mostly the easy one (style). `chosen_reward`/`rejected_reward` are the utilities, for reward-aware losses.
+    Same-style pairs isolate correctness, so a small reward model can learn it at all; the trade-off pairs fix
+    its scale against verbosity. Without them the model learns concision (the easy signal) with a larger weight
+    than correctness, and PPO against it trades accuracy for brevity (a terse wrong answer outscoring a longer
+    right one). `chosen_reward`/`rejected_reward` are the utilities, for reward-aware losses.
     """
     rng = random.Random(seed + 2)
     rows = []
     for p in _train_problems(seed + 1, n):
-        if rng.random() < concision_fraction:
+        kind = rng.random()
+        if kind < concision_fraction:
             v1, v2 = rng.sample(range(5), 2)
             a = write_response(p, p.answer, v1, rng.randint(0, 4))
             b = write_response(p, p.answer, v2, rng.randint(0, 4))
-        else:
+        elif kind < concision_fraction + (1 - concision_fraction) / 2:
             v, k = rng.randint(0, 4), rng.randint(0, 4)
             a, b = write_response(p, p.answer, v, k), write_response(p, wrong_answer(p, rng), v, k)
+        else:
+            v, k = rng.randint(1, 4), rng.randint(0, 4)
+            a = write_response(p, p.answer, v, k)
+            b = write_response(p, wrong_answer(p, rng), rng.randint(0, v - 1), k)
         (c, uc), (r, ur) = sorted([(a, utility(p.prompt, a)), (b, utility(p.prompt, b))], key=lambda x: -x[1])
         rows.append({"prompt": p.prompt, "chosen": c, "rejected": r, "chosen_reward": uc, "rejected_reward": ur})
     return rows
@@ -333,6 +341,8 @@ def all_texts(seed: int = 0, n: int = 4000) -> list[str]:
 
 
 DEMO_DATA_DIR = Path("out/demo/data")
+# Bumped whenever a generator above changes, so that data cached by an older version is never read again.
+DEMO_DATA_VERSION = 2
 _DEMO_SETS = {
     "sft": lambda: sft_rows(),
     "preference": lambda: preference_rows(),
@@ -342,11 +352,15 @@ _DEMO_SETS = {
 }
 
 
-def ensure_data(kind: str, directory: str | Path = DEMO_DATA_DIR) -> Path:
-    """Write (once) the demo dataset `kind` as jsonl, so every script reads data the way a user's is read."""
+def demo_data_path(kind: str, directory: str | Path = DEMO_DATA_DIR) -> Path:
     if kind not in _DEMO_SETS:
         raise ValueError(f"unknown demo dataset {kind!r}; one of {sorted(_DEMO_SETS)}")
-    path = Path(directory) / f"{kind}.jsonl"
+    return Path(directory) / f"{kind}.v{DEMO_DATA_VERSION}.jsonl"
+
+
+def ensure_data(kind: str, directory: str | Path = DEMO_DATA_DIR) -> Path:
+    """Write (once) the demo dataset `kind` as jsonl, so every script reads data the way a user's is read."""
+    path = demo_data_path(kind, directory)
     if not path.exists():
         write_jsonl(_DEMO_SETS[kind](), path)
     return path

@@ -8,9 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# Without CUDA, the Triton kernels are tested on CPU tensors through Triton's interpreter. triton.jit reads
+# TRITON_INTERPRET when a kernel is decorated, i.e. when `kernels` is first imported -- which may be by any test
+# module (the scripts import it), so it is set here, before collection, not in test_kernels.py.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -70,6 +70,23 @@ def test_preference_pairs_follow_the_hidden_utility():
         )
 
 
+def test_preference_pairs_cover_each_kind():
+    """Correctness at a fixed style, concision among right answers, and right-but-longer over wrong-but-terser."""
+    kinds = {"correctness": 0, "concision": 0, "trade_off": 0}
+    for r in d.preference_rows(seed=3, n=600):
+        c, w = d.grade(r["prompt"], r["chosen"]), d.grade(r["prompt"], r["rejected"])
+        assert c["correct"] == 1
+        if w["correct"]:
+            assert c["verbosity"] < w["verbosity"]
+            kinds["concision"] += 1
+        elif c["verbosity"] == w["verbosity"]:
+            kinds["correctness"] += 1
+        else:
+            assert c["verbosity"] > w["verbosity"]
+            kinds["trade_off"] += 1
+    assert all(n > 100 for n in kinds.values()), kinds
+
+
 def test_sft_rows_are_imperfect_demonstrations():
     grades = [d.grade(r["prompt"], r["completion"]) for r in d.sft_rows(seed=0, n=4000)]
     wrong = sum(g["correct"] == 0 for g in grades) / len(grades)

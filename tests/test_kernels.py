@@ -1,7 +1,7 @@
 """Kernels against their fp32 PyTorch references: forward and backward, both backends, odd shapes.
 
-Without CUDA the Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set below, before anything imports
-triton); with CUDA they are compiled and run on the GPU, and the GPU-scale tests at the end run too.
+Without CUDA the Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set in conftest.py, before any
+test module imports triton); with CUDA they are compiled and run on the GPU, and the GPU-scale tests at the end run too.
 The PyTorch path is run with a tiny chunk budget so that every case spans several chunks, one of them partial.
 """
 
@@ -10,12 +10,8 @@ import os
 import subprocess
 import sys
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 
 import kernels
 from kernels import (
