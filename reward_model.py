@@ -95,7 +95,7 @@ class Args:
     """pairs (bt) or rows (regression) per forward/backward on each rank"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
-    num_epochs: float = 1.0
+    num_epochs: float = 2.0
     """passes over the training data; ignored when --total-steps > 0"""
     total_steps: int = 0
     """optimizer steps (0 = derived from --num-epochs)"""

@@ -1,7 +1,7 @@
 """The built-in demo task: small instruction tasks with programmatic ground truth.
 
 Every method in PlainAlign is measured on this task, so that "alignment worked" means "the model answers
-more questions correctly and more concisely", graded by a program, not "the loss went down".
+more questions correctly, in the preferred style", graded by a program, not "the loss went down".
 
 Four task families, each with an exact answer:
     add      "What is 42 + 5?"                                   -> "47"   (no carry)
@@ -18,8 +18,11 @@ Each answer can be written in 5 verbosity levels x 5 politeness levels, correctl
     politeness k adds the first k of the markers POLITE_MARKERS ("Sure!", "Happy to help.", ...).
 
 The hidden utility (what a human labeller would prefer) is `score`: 0 for a wrong or unreadable answer,
-otherwise 1 - 0.1 * verbosity. So correct beats wrong, and among correct answers concise beats rambling;
-politeness is neutral. From one seed the module makes:
+otherwise 1 - 0.1 * |verbosity - 2|. So correct beats wrong, and among correct answers a brief worked answer
+(level 2) beats both a bare number and rambling; politeness is neutral. The preferred style is also the one
+that helps a small model: writing the working out before the answer is a chain of thought (the demo SFT model
+answers ~0.5 right after "Let me work this out." and ~0.3 after "The answer is"), so a method that learns the
+preferred style gains accuracy too, while one that mistakes "short" for "good" loses it. From one seed the module makes:
     - SFT rows: imperfect demonstrations (a fraction wrong, verbosity and politeness uniform),
     - preference pairs ranked by the hidden utility (with per-response rewards for reward-aware losses),
     - KTO rows (one completion, desirable or not), prompt rows (PPO), attribute-labelled rows (SteerLM),
@@ -37,6 +40,7 @@ from pathlib import Path
 
 TASKS = ("add", "compare", "reverse", "count")
 ATTRIBUTES = ("correctness", "verbosity", "politeness")  # SteerLM's guiding signals, each 0..4
+IDEAL_VERBOSITY = 2
 POLITE_MARKERS = ("Sure!", "Happy to help.", "Hope this helps.", "Thanks for asking.")
 LETTERS = "abcdefghijklmnoprstu"  # 20 letters: enough variety, few enough for a tiny model to master
 
@@ -193,7 +197,7 @@ def grade(prompt: str, response: str) -> dict:
     verbosity = measure_verbosity(response)
     _, politeness = _strip_markers(response)
     return {
-        "score": (1.0 - 0.1 * verbosity) if correct else 0.0,
+        "score": (1.0 - 0.1 * abs(verbosity - IDEAL_VERBOSITY)) if correct else 0.0,
         "correct": float(correct),
         "correctness": 4 if correct else 0,
         "verbosity": verbosity,
@@ -272,45 +276,54 @@ def attribute_rows(seed: int = 0, n: int = 20_000, wrong_fraction: float = 0.25)
     return rows
 
 
-def preference_rows(seed: int = 0, n: int = 20_000, concision_fraction: float = 0.3) -> list[dict]:
+def _off_style(v: int) -> int:
+    return abs(v - IDEAL_VERBOSITY)
+
+
+def preference_rows(seed: int = 0, n: int = 20_000, style_fraction: float = 0.3) -> list[dict]:
     """Pairs of two answers to one prompt, chosen = the higher hidden utility, of three kinds:
         correctness pairs  the same style, one answer right and one wrong: chosen = right;
-        trade-off pairs    a right answer against a wrong one that is terser: chosen = right (being correct
-                           outweighs any amount of concision);
-        concision pairs    both right, different verbosity (politeness drawn for each): chosen = shorter.
+        trade-off pairs    a right answer against a wrong one in a better style: chosen = right (being correct
+                           outweighs any amount of style);
+        style pairs        both right, one nearer the preferred verbosity (politeness drawn for each): chosen =
+                           the nearer.
     Same-style pairs isolate correctness, so a small reward model can learn it at all; the trade-off pairs fix
-    its scale against verbosity. Without them the model learns concision (the easy signal) with a larger weight
-    than correctness, and PPO against it trades accuracy for brevity (a terse wrong answer outscoring a longer
-    right one). `chosen_reward`/`rejected_reward` are the utilities, for reward-aware losses.
+    its scale against style. Without them it learns style (the easy signal) with a larger weight than
+    correctness, and PPO against it trades accuracy for style. `chosen_reward`/`rejected_reward` are the
+    utilities, for reward-aware losses.
     """
     rng = random.Random(seed + 2)
     rows = []
     for p in _train_problems(seed + 1, n):
         kind = rng.random()
-        if kind < concision_fraction:
+        if kind < style_fraction:
             v1, v2 = rng.sample(range(5), 2)
+            while _off_style(v1) == _off_style(v2):  # a tie is no preference
+                v1, v2 = rng.sample(range(5), 2)
             a = write_response(p, p.answer, v1, rng.randint(0, 4))
             b = write_response(p, p.answer, v2, rng.randint(0, 4))
-        elif kind < concision_fraction + (1 - concision_fraction) / 2:
+        elif kind < style_fraction + (1 - style_fraction) / 2:
             v, k = rng.randint(0, 4), rng.randint(0, 4)
             a, b = write_response(p, p.answer, v, k), write_response(p, wrong_answer(p, rng), v, k)
         else:
-            v, k = rng.randint(1, 4), rng.randint(0, 4)
+            v = rng.choice([u for u in range(5) if _off_style(u) > 0])
+            better = [u for u in range(5) if _off_style(u) < _off_style(v)]
+            k = rng.randint(0, 4)
             a = write_response(p, p.answer, v, k)
-            b = write_response(p, wrong_answer(p, rng), rng.randint(0, v - 1), k)
+            b = write_response(p, wrong_answer(p, rng), rng.choice(better), k)
         (c, uc), (r, ur) = sorted([(a, utility(p.prompt, a)), (b, utility(p.prompt, b))], key=lambda x: -x[1])
         rows.append({"prompt": p.prompt, "chosen": c, "rejected": r, "chosen_reward": uc, "rejected_reward": ur})
     return rows
 
 
 def kto_rows(seed: int = 0, n: int = 10_000) -> list[dict]:
-    """Unpaired rows: desirable = correct and verbosity <= 1 (a human would approve), else undesirable."""
+    """Unpaired rows: desirable = correct and verbosity within 1 of the ideal (a human would approve), else not."""
     rng = random.Random(seed + 3)
     rows = []
     for p in _train_problems(seed + 1, n):
         correct, v, k = _style(rng, 0.5)
         completion = write_response(p, p.answer if correct else wrong_answer(p, rng), v, k)
-        rows.append({"prompt": p.prompt, "completion": completion, "label": bool(correct and v <= 1)})
+        rows.append({"prompt": p.prompt, "completion": completion, "label": bool(correct and _off_style(v) <= 1)})
     return rows
 
 
@@ -342,7 +355,7 @@ def all_texts(seed: int = 0, n: int = 4000) -> list[str]:
 
 DEMO_DATA_DIR = Path("out/demo/data")
 # Bumped whenever a generator above changes, so that data cached by an older version is never read again.
-DEMO_DATA_VERSION = 2
+DEMO_DATA_VERSION = 3
 _DEMO_SETS = {
     "sft": lambda: sft_rows(),
     "preference": lambda: preference_rows(),

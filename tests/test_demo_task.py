@@ -19,20 +19,25 @@ def test_solve_and_grade_every_style():
         assert (answer == p.answer) != wrong
         g = d.grade(p.prompt, d.write_response(p, answer, v, k))
         assert (g["verbosity"], g["politeness"], g["correct"]) == (v, k, float(not wrong))
-        assert g["score"] == pytest.approx(0.0 if wrong else 1 - 0.1 * v)
+        assert g["score"] == pytest.approx(0.0 if wrong else 1 - 0.1 * abs(v - 2))
 
 
 @pytest.mark.parametrize(
     "prompt, response, expected",
     [
-        ("Add 4 and 4.", "8", {"score": 1.0, "correct": 1.0, "verbosity": 0, "politeness": 0}),
+        ("Add 4 and 4.", "8", {"score": 0.8, "correct": 1.0, "verbosity": 0, "politeness": 0}),
         ("Add 4 and 4.", "Sure! The answer is 8.", {"score": 0.9, "correct": 1.0, "verbosity": 1, "politeness": 1}),
         ("What is 47 + 8?", "The answer is 54.", {"score": 0.0, "correct": 0.0, "verbosity": 1, "politeness": 0}),
-        ("Reverse the letters: t r a p", "p a r t", {"score": 1.0, "correct": 1.0, "verbosity": 0, "politeness": 0}),
+        ("Reverse the letters: t r a p", "p a r t", {"score": 0.8, "correct": 1.0, "verbosity": 0, "politeness": 0}),
         (
             "Which is larger, 318 or 381?",
             "381 Hope this helps. Thanks for asking.",
-            {"score": 1.0, "correct": 1.0, "verbosity": 0, "politeness": 2},
+            {"score": 0.8, "correct": 1.0, "verbosity": 0, "politeness": 2},
+        ),
+        (
+            "Add 4 and 4.",
+            "4 plus 4 makes 8. The answer is 8.",
+            {"score": 1.0, "correct": 1.0, "verbosity": 2, "politeness": 0},
         ),
         (
             "Count the letter a in b a n a n a.",
@@ -71,18 +76,19 @@ def test_preference_pairs_follow_the_hidden_utility():
 
 
 def test_preference_pairs_cover_each_kind():
-    """Correctness at a fixed style, concision among right answers, and right-but-longer over wrong-but-terser."""
-    kinds = {"correctness": 0, "concision": 0, "trade_off": 0}
+    """Correctness at a fixed style, style among right answers, and right-in-a-worse-style over wrong-in-a-better."""
+    kinds = {"correctness": 0, "style": 0, "trade_off": 0}
+    off = lambda g: abs(g["verbosity"] - d.IDEAL_VERBOSITY)  # noqa: E731
     for r in d.preference_rows(seed=3, n=600):
         c, w = d.grade(r["prompt"], r["chosen"]), d.grade(r["prompt"], r["rejected"])
         assert c["correct"] == 1
         if w["correct"]:
-            assert c["verbosity"] < w["verbosity"]
-            kinds["concision"] += 1
+            assert off(c) < off(w)
+            kinds["style"] += 1
         elif c["verbosity"] == w["verbosity"]:
             kinds["correctness"] += 1
         else:
-            assert c["verbosity"] > w["verbosity"]
+            assert off(c) > off(w)
             kinds["trade_off"] += 1
     assert all(n > 100 for n in kinds.values()), kinds
 
@@ -104,4 +110,4 @@ def test_attribute_and_kto_rows():
     }
     for r in d.kto_rows(seed=0, n=200):
         g = d.grade(r["prompt"], r["completion"])
-        assert r["label"] == bool(g["correct"] and g["verbosity"] <= 1)
+        assert r["label"] == bool(g["correct"] and abs(g["verbosity"] - 2) <= 1)
