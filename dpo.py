@@ -86,8 +86,9 @@ class Args:
     """attention kernel of the HF model"""
 
     # --- optimiser ---
-    learning_rate: float = 2e-4
-    """peak learning rate (AdamW)"""
+    learning_rate: float = 5e-5
+    """peak learning rate (AdamW). On the demo task 2e-4 drove both log-probs down by ~150 nats and the score
+    from 0.39 to 0.15 while the preference accuracy still rose; 5e-5 with beta 0.3 raises it (0.39 -> 0.47)"""
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and norms)"""
     lr_schedule: Schedule = "cosine"
@@ -110,8 +111,9 @@ class Args:
     # --- method ---
     loss_type: LossType = "sigmoid"
     """the preference loss (see the module docstring)"""
-    beta: float = 0.1
-    """strength of the KL regularisation (inverse temperature of the implicit reward)"""
+    beta: float = 0.3
+    """strength of the KL regularisation (inverse temperature of the implicit reward); 0.1 is the paper's
+    value, 0.3 did better on the demo task (score 0.47 vs 0.41 at lr 5e-5)"""
     label_smoothing: float = 0.0
     """sigmoid/simpo: probability that a preference label is flipped (conservative DPO)"""
     simpo_gamma: float = 0.5
