@@ -28,7 +28,9 @@ TWINS = [
 
 @pytest.mark.parametrize("a, b", TWINS, ids=lambda f: f"{f.__module__}.{f.__name__}")
 def test_repeated_helpers_are_identical(a, b):
-    assert inspect.getsource(a) == inspect.getsource(b), f"{a.__module__}.{a.__name__} and {b.__module__}.{b.__name__} drifted apart"
+    assert inspect.getsource(a) == inspect.getsource(b), (
+        f"{a.__module__}.{a.__name__} and {b.__module__}.{b.__name__} drifted apart"
+    )
 
 
 def test_sequence_logprobs_agree_across_scripts(demo_base, tokenizer):
@@ -50,7 +52,9 @@ def test_sequence_logprobs_agree_across_scripts(demo_base, tokenizer):
 def test_reward_scores_agree_with_steerlm_attribute_predictions(demo_base, tokenizer):
     from common.models import load_sequence_classifier
 
-    model = load_sequence_classifier(str(demo_base), torch.device("cpu"), 3, pad_token_id=tokenizer.pad_token_id, init_head=True).eval()
+    model = load_sequence_classifier(
+        str(demo_base), torch.device("cpu"), 3, pad_token_id=tokenizer.pad_token_id, init_head=True
+    ).eval()
     seqs = [[1, 4, 40, 41, 5, 50, 2], [1, 4, 40, 5, 60, 61, 62, 63, 2]]
     with torch.no_grad():
         a = reward_model.scores(model, seqs, tokenizer.pad_token_id, torch.device("cpu"))
@@ -102,7 +106,14 @@ def test_design_metric_names_are_used():
         assert key in ppo_keys, key
     for script in ("dpo.py", "spin.py"):
         keys = metric_literals(ROOT / script)
-        for key in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]:
+        for key in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ]:
             assert key in keys, (script, key)
     for script in ("sft.py", "steerlm.py"):
         assert {"train/loss", "eval/loss"} <= metric_literals(ROOT / script), script

@@ -55,11 +55,29 @@ def spec(name: str, f: dict, model: str | None = None) -> tuple[list[str], str]:
     """(command line, the metric compared across runs) of a tiny run of each script."""
     model = model or f["base"]
     if name == "sft":
-        return ["sft.py", "--model-path", model, "--data", f["sft"], "--demo-eval-prompts", "0", *SUPERVISED], "train/loss"
+        return [
+            "sft.py",
+            "--model-path",
+            model,
+            "--data",
+            f["sft"],
+            "--demo-eval-prompts",
+            "0",
+            *SUPERVISED,
+        ], "train/loss"
     if name == "reward_model":
         return ["reward_model.py", "--model-path", model, "--data", f["pairs"], *SUPERVISED], "train/loss"
     if name == "dpo":
-        return ["dpo.py", "--model-path", model, "--data", f["pairs"], "--demo-eval-prompts", "0", *SUPERVISED], "train/loss"
+        return [
+            "dpo.py",
+            "--model-path",
+            model,
+            "--data",
+            f["pairs"],
+            "--demo-eval-prompts",
+            "0",
+            *SUPERVISED,
+        ], "train/loss"
     if name == "steerlm":
         return ["steerlm.py", "train", "--model-path", model, "--data", f["attrs"], "--demo-eval-prompts", "0",
                 "--steer-prompts", "0", *SUPERVISED], "train/loss"  # fmt: skip
