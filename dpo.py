@@ -138,7 +138,7 @@ class Args:
     """steps between evaluations on held-out pairs (0 = only at the end)"""
     save_every: int = 500
     """steps between checkpoints (0 = only at the end)"""
-    demo_eval_prompts: int = 256
+    demo_eval_prompts: int = 1024
     """held-out demo-task prompts graded at the start and end (0 = off; only with --data demo)"""
     max_new_tokens: int = 64
     """generation length for the demo-task evaluation"""

@@ -45,7 +45,7 @@ from common.dist import (
     seed_everything,
     wrap_model,
 )
-from common.generation import demo_eval, generate, sample_key
+from common.generation import demo_eval, generate, paired_difference, sample_key
 from common.models import load_causal_lm, load_sequence_classifier, load_tokenizer
 from common.tracking import make_tracker
 from common.training import (
@@ -168,7 +168,7 @@ class Args:
     """updates between demo-task evaluations (0 = only at the start and end)"""
     save_every: int = 20
     """updates between checkpoints (0 = only at the end)"""
-    demo_eval_prompts: int = 256
+    demo_eval_prompts: int = 1024
     """held-out demo-task prompts graded at the start and end (0 = off; only with --data demo)"""
     skip_nonfinite: bool = False
     """skip updates with a NaN/Inf loss (counted) instead of stopping"""
@@ -335,9 +335,9 @@ def clock(dist) -> float:
     return time.time()
 
 
-def evaluate(policy, tokenizer, dist, args: Args) -> dict:
+def evaluate(policy, tokenizer, dist, args: Args, per_prompt: bool = False) -> dict:
     """Ground truth on held-out demo prompts (greedy answers graded by the demo task's scorer)."""
-    return demo_eval(policy, tokenizer, dist, args.demo_eval_prompts, args.response_length)
+    return demo_eval(policy, tokenizer, dist, args.demo_eval_prompts, args.response_length, per_prompt=per_prompt)
 
 
 if __name__ == "__main__":
@@ -396,13 +396,14 @@ if __name__ == "__main__":
         else FixedKLController(args.kl_coef)
     )
     models, optimizers = {"policy": policy, "value": value_model}, {"policy": policy_opt, "value": value_opt}
-    start_update, skipped_updates, initial = 0, 0, {}
+    start_update, skipped_updates, initial, initial_scores = 0, 0, {}, []
     if args.resume:
         state = checkpoint.load_trainer_state(args.output_dir, dist, models, optimizers, {"sampling": generator})
         policy_sched.load_state_dict(state["policy_scheduler"])
         value_sched.load_state_dict(state["value_scheduler"])
         kl_ctl.value = state["kl_coef"]
         start_update, skipped_updates, initial = state["step"], state["skipped_updates"], state["initial"]
+        initial_scores = state.get("initial_scores", [])
     tracker = make_tracker(
         dist, args.output_dir, args, args.track, args.wandb_project, start_update if args.resume else -1
     )
@@ -417,6 +418,7 @@ if __name__ == "__main__":
         extra = {
             "step": update, "policy_scheduler": policy_sched.state_dict(), "value_scheduler": value_sched.state_dict(),
             "kl_coef": kl_ctl.value, "skipped_updates": skipped_updates, "initial": initial,
+            "initial_scores": initial_scores,
         }  # fmt: skip
         checkpoint.save_trainer_state(args.output_dir, dist, models, optimizers, extra, {"sampling": generator})
         checkpoint.export_pretrained(policy, tokenizer, args.output_dir, dist)
@@ -424,8 +426,9 @@ if __name__ == "__main__":
 
     demo_eval_on = args.demo_eval_prompts > 0 and args.data == "demo"
     if demo_eval_on and not args.resume:
-        initial = evaluate(policy, tokenizer, dist, args)
+        initial = evaluate(policy, tokenizer, dist, args, per_prompt=True)
         initial.pop("samples")
+        initial_scores = initial.pop("scores")
         tracker.print(f"start: eval/score={initial['eval/score']:.3f} eval/accuracy={initial['eval/accuracy']:.3f}")
 
     bar = tracker.progress(num_updates, start_update, "ppo")
@@ -607,15 +610,19 @@ if __name__ == "__main__":
     save(num_updates)
     final = {"objective/kl": final_kl, "ppo/skipped_updates": skipped_updates}
     if demo_eval_on:
-        result = evaluate(policy, tokenizer, dist, args)
+        result = evaluate(policy, tokenizer, dist, args, per_prompt=bool(initial_scores))
         tracker.table("eval samples", ["prompt", "response", "score"], result.pop("samples"), num_updates)
         final |= result | {f"initial/{k}": v for k, v in initial.items()}
+        if initial_scores:  # the gain over the start policy on the same prompts, and its standard error
+            gain, gain_se = paired_difference(result.pop("scores"), initial_scores)
+            final |= {"eval/score_gain": gain, "eval/score_gain_se": gain_se}
     tracker.log(final, num_updates)
     tracker.write_eval(final)
     if initial:
         tracker.print(
             f"ground truth ({args.demo_eval_prompts} held-out demo prompts): score {initial['eval/score']:.3f} -> "
-            f"{final['eval/score']:.3f}, accuracy {initial['eval/accuracy']:.3f} -> {final['eval/accuracy']:.3f}; "
+            f"{final['eval/score']:.3f} ({final.get('eval/score_gain', float('nan')):+.3f} ± "
+            f"{2 * final.get('eval/score_gain_se', float('nan')):.3f}, 2 s.e. paired), accuracy {initial['eval/accuracy']:.3f} -> {final['eval/accuracy']:.3f}; "
             f"KL to the reference {final_kl:.3f} nats/sequence"
         )
     tracker.print(f"saved {args.output_dir}")

@@ -54,7 +54,7 @@ import tyro
 
 from common import checkpoint, data
 from common.dist import autocast, cleanup, init_distributed, reshard, sampling_generator, seed_everything, wrap_model
-from common.generation import demo_eval, generate
+from common.generation import demo_eval, generate, paired_difference
 from common.models import load_causal_lm, load_tokenizer
 from common.tracking import make_tracker
 from common.training import (
@@ -156,7 +156,7 @@ class Args:
     """steps between evaluations on held-out (gold, generation) pairs (0 = only at the end of each iteration)"""
     save_every: int = 0
     """steps between checkpoints (0 = only at the end of each iteration)"""
-    demo_eval_prompts: int = 256
+    demo_eval_prompts: int = 1024
     """held-out demo-task prompts graded at the start and after each iteration (0 = off; only with --data demo)"""
     skip_nonfinite: bool = False
     """skip steps whose loss is NaN/Inf (counted) instead of stopping"""
@@ -320,7 +320,8 @@ def check_model_path(path: str) -> None:
 def iteration_table(initial: dict, results: dict[int, dict]) -> str:
     """A plain-text table: one row for the start model, one per iteration, the metrics a reader compares."""
     columns = ["spin/pairs", "spin/dropped_pairs", "train/loss", "rewards/accuracies", "eval/rewards/accuracies",
-               "eval/score", "eval/accuracy", "eval/verbosity", "spin/iteration_seconds"]  # fmt: skip
+               "eval/score", "eval/score_gain", "eval/score_gain_se", "eval/accuracy", "eval/verbosity",
+               "spin/iteration_seconds"]  # fmt: skip
 
     def cell(value) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -414,6 +415,7 @@ if __name__ == "__main__":
     optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = None
     start_iteration, start_step, global_step, skipped_steps, initial, results = 1, 0, 0, 0, {}, {}
+    initial_scores = []  # the start model's per-prompt ground truth, for the paired gain of each iteration
     pairs_ready = False  # resuming inside an iteration whose pairs (and reference log-probs) are saved
     if args.resume:
         state = checkpoint.load_trainer_state(
@@ -421,6 +423,7 @@ if __name__ == "__main__":
         )
         start_iteration, start_step, global_step = state["iteration"], state["iteration_step"], state["step"]
         skipped_steps, initial, results = state["skipped_steps"], state["initial"], state["results"]
+        initial_scores = state.get("initial_scores", [])
         pairs_ready = state["pairs_ready"]
     tracker = make_tracker(
         dist, args.output_dir, args, args.track, args.wandb_project, global_step if args.resume else -1
@@ -439,7 +442,8 @@ if __name__ == "__main__":
         """`pairs_ready`: the iteration's pairs are saved and the sampling generator has moved past them."""
         extra = {"step": global_step, "iteration": iteration, "iteration_step": iteration_step, "pairs_ready": pairs_ready,
                  "scheduler": scheduler.state_dict() if scheduler is not None else None, "skipped_steps": skipped_steps,
-                 "initial": initial, "results": results, "iteration_stats": iteration_stats.cpu()}  # fmt: skip
+                 "initial": initial, "results": results, "iteration_stats": iteration_stats.cpu(),
+                 "initial_scores": initial_scores}  # fmt: skip
         reshard(model)
         checkpoint.save_trainer_state(
             args.output_dir, dist, {"model": model}, {"model": optimizer}, extra, {"sampling": generator}
@@ -454,8 +458,9 @@ if __name__ == "__main__":
 
     demo_eval_on = args.demo_eval_prompts > 0 and args.data == "demo"
     if demo_eval_on and not args.resume:
-        initial = demo_eval(model, tokenizer, dist, args.demo_eval_prompts, args.max_new_tokens)
+        initial = demo_eval(model, tokenizer, dist, args.demo_eval_prompts, args.max_new_tokens, per_prompt=True)
         initial.pop("samples")
+        initial_scores = initial.pop("scores")
         tracker.log({f"initial/{k}": v for k, v in initial.items()}, 0, echo=False)
         tracker.print(f"start: eval/score={initial['eval/score']:.3f} eval/accuracy={initial['eval/accuracy']:.3f}")
 
@@ -627,8 +632,12 @@ if __name__ == "__main__":
                   "rewards/accuracies": totals[3], "rewards/margins": totals[4]}  # fmt: skip
         result |= evaluate(model, eval_items, eval_ref, args, dist, tokenizer.pad_token_id)
         if demo_eval_on:
-            ground_truth = demo_eval(model, tokenizer, dist, args.demo_eval_prompts, args.max_new_tokens)
+            ground_truth = demo_eval(model, tokenizer, dist, args.demo_eval_prompts, args.max_new_tokens,
+                                     per_prompt=bool(initial_scores))  # fmt: skip
             tracker.table("samples", ["prompt", "response", "score"], ground_truth.pop("samples"), global_step)
+            if initial_scores:  # gain over the start model on the same prompts, with its standard error
+                gain, gain_se = paired_difference(ground_truth.pop("scores"), initial_scores)
+                ground_truth |= {"eval/score_gain": gain, "eval/score_gain_se": gain_se}
             result |= ground_truth
         result["spin/iteration_seconds"] = time.time() - t_iter
         results[iteration] = result

@@ -165,7 +165,7 @@ class TrainArgs:
     """steps between eval/loss measurements (0 = only at the end)"""
     save_every: int = 500
     """steps between checkpoints (0 = only at the end)"""
-    demo_eval_prompts: int = 256
+    demo_eval_prompts: int = 1024
     """held-out demo prompts for eval/accuracy, eval/score: start model vs --eval-attributes (0 = off; demo data)"""
     steer_prompts: int = 64
     """held-out demo prompts per requested value in the steerability evaluation (0 = off; demo data only)"""

@@ -166,11 +166,15 @@ def generate(
     return out
 
 
-def demo_eval(model, tokenizer, dist: Dist, num_prompts: int, max_new_tokens: int, template_kwargs=None) -> dict:
+def demo_eval(
+    model, tokenizer, dist: Dist, num_prompts: int, max_new_tokens: int, template_kwargs=None, per_prompt=False
+) -> dict:
     """Ground truth on held-out demo-task prompts: greedy answers graded by `demo_task.grade`.
 
     Returns eval/score (hidden utility), eval/accuracy, eval/verbosity, eval/politeness, eval/response_length
-    (tokens), and `samples` (a few prompt/response/score rows from rank 0).
+    (tokens), and `samples` (a few prompt/response/score rows from rank 0). With `per_prompt`, also `scores`:
+    every prompt's score, gathered from all ranks in an order that depends only on num_prompts and the world
+    size (so two models' lists pair up prompt by prompt).
     """
     from common import demo_task
     from common.data import render
@@ -198,4 +202,18 @@ def demo_eval(model, tokenizer, dist: Dist, num_prompts: int, max_new_tokens: in
     out = {f"eval/{'accuracy' if k == 'correct' else k}": sums[i].item() / n for i, k in enumerate(keys)}
     out["eval/response_length"] = sums[len(keys)].item() / n
     out["samples"] = [[p, t, g["score"]] for p, t, g in list(zip(prompts, texts, grades))[:6]]
+    if per_prompt:
+        out["scores"] = [s for shard in dist.all_gather_object([g["score"] for g in grades]) for s in shard]
     return out
+
+
+def paired_difference(scores: list[float], baseline: list[float]) -> tuple[float, float]:
+    """Mean per-prompt score difference to a baseline graded on the same prompts, and its standard error.
+
+    Both models answer the same prompts, so the paired difference cancels the prompts' own difficulty: its
+    standard error is what tells a real gain from evaluation noise (twice it is a ~95% interval).
+    """
+    if len(scores) != len(baseline) or len(scores) < 2:
+        raise ValueError(f"need two equally long score lists of 2+ prompts, got {len(scores)} and {len(baseline)}")
+    d = torch.tensor(scores, dtype=torch.float64) - torch.tensor(baseline, dtype=torch.float64)
+    return d.mean().item(), (d.std(unbiased=True) / len(d) ** 0.5).item()

@@ -26,7 +26,7 @@ PY
 
 stage sft python sft.py
 stage reward_model python reward_model.py
-stage ppo python ppo.py --eval-every 16
+stage ppo python ppo.py --eval-every 32
 stage dpo python dpo.py
 stage spin python spin.py
 stage steerlm python steerlm.py
