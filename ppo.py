@@ -612,10 +612,10 @@ if __name__ == "__main__":
     if demo_eval_on:
         result = evaluate(policy, tokenizer, dist, args, per_prompt=bool(initial_scores))
         tracker.table("eval samples", ["prompt", "response", "score"], result.pop("samples"), num_updates)
-        final |= result | {f"initial/{k}": v for k, v in initial.items()}
         if initial_scores:  # the gain over the start policy on the same prompts, and its standard error
             gain, gain_se = paired_difference(result.pop("scores"), initial_scores)
-            final |= {"eval/score_gain": gain, "eval/score_gain_se": gain_se}
+            result |= {"eval/score_gain": gain, "eval/score_gain_se": gain_se}
+        final |= result | {f"initial/{k}": v for k, v in initial.items()}
     tracker.log(final, num_updates)
     tracker.write_eval(final)
     if initial:

@@ -23,7 +23,7 @@ otherwise 1 - 0.1 * |verbosity - 2|. So correct beats wrong, and among correct a
 that helps a small model: writing the working out before the answer is a chain of thought (the demo SFT model
 answers ~0.5 right after "Let me work this out." and ~0.3 after "The answer is"), so a method that learns the
 preferred style gains accuracy too, while one that mistakes "short" for "good" loses it. From one seed the module makes:
-    - SFT rows: imperfect demonstrations (a fraction wrong, verbose more often than not, politeness uniform),
+    - SFT rows: imperfect demonstrations (a fraction wrong, verbosity and politeness uniform),
     - preference pairs ranked by the hidden utility (with per-response rewards for reward-aware losses),
     - KTO rows (one completion, desirable or not), prompt rows (PPO), attribute-labelled rows (SteerLM),
     - held-out evaluation prompts that never occur in the training data,
@@ -248,22 +248,12 @@ def _style(rng: random.Random, wrong_fraction: float) -> tuple[bool, int, int]:
     return rng.random() >= wrong_fraction, rng.randint(0, 4), rng.randint(0, 4)
 
 
-# How often the demonstrators write each verbosity level: they tend to show their working at length (3 is the
-# most common level, 2 -- the preferred one -- is not), as human demonstrations often over-explain. A skewed
-# mix, not a uniform one, also gives the demonstrated style a mode: with uniform levels, levels 3 and 4 share
-# the opening "Let me work this out." and then tie, so the greedy style of any model that imitates the data
-# (SFT, SPIN) flips between them on noise, and a tenth of the score with it.
-SFT_VERBOSITY_WEIGHTS = (0.10, 0.15, 0.20, 0.35, 0.20)
-
-
 def sft_rows(seed: int = 0, n: int = 30_000, wrong_fraction: float = 0.25) -> list[dict]:
-    """Imperfect demonstrations: `wrong_fraction` of answers are wrong, verbosity drawn with
-    SFT_VERBOSITY_WEIGHTS, politeness uniform."""
+    """Imperfect demonstrations: `wrong_fraction` of answers are wrong, verbosity and politeness uniform."""
     rng = random.Random(seed + 1)
     rows = []
     for p in _train_problems(seed, n):
-        correct, _, k = _style(rng, wrong_fraction)
-        v = rng.choices(range(5), weights=SFT_VERBOSITY_WEIGHTS)[0]
+        correct, v, k = _style(rng, wrong_fraction)
         answer = p.answer if correct else wrong_answer(p, rng)
         rows.append({"prompt": p.prompt, "completion": write_response(p, answer, v, k)})
     return rows
@@ -365,7 +355,7 @@ def all_texts(seed: int = 0, n: int = 4000) -> list[str]:
 
 DEMO_DATA_DIR = Path("out/demo/data")
 # Bumped whenever a generator above changes, so that data cached by an older version is never read again.
-DEMO_DATA_VERSION = 4
+DEMO_DATA_VERSION = 3
 _DEMO_SETS = {
     "sft": lambda: sft_rows(),
     "preference": lambda: preference_rows(),

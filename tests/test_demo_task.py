@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import random
 
 import pytest
@@ -98,11 +97,7 @@ def test_sft_rows_are_imperfect_demonstrations():
     grades = [d.grade(r["prompt"], r["completion"]) for r in d.sft_rows(seed=0, n=4000)]
     wrong = sum(g["correct"] == 0 for g in grades) / len(grades)
     assert 0.2 < wrong < 0.3  # wrong_fraction = 0.25
-    levels = collections.Counter(g["verbosity"] for g in grades)
-    assert set(levels) == {0, 1, 2, 3, 4}
-    for level, weight in enumerate(d.SFT_VERBOSITY_WEIGHTS):  # 4000 draws: within ~4 standard errors
-        assert abs(levels[level] / len(grades) - weight) < 0.03, (level, levels)
-    assert levels.most_common(1)[0][0] == 3  # the demonstrated style has a mode (see SFT_VERBOSITY_WEIGHTS)
+    assert {g["verbosity"] for g in grades} == {0, 1, 2, 3, 4}
 
 
 def test_attribute_and_kto_rows():
