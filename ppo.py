@@ -303,11 +303,13 @@ def response_logprobs(model, queries, responses, pad_id: int, temperature: float
     """log pi(response token | prefix) at the sampling temperature (B, T), and the entropy (B, T) if asked.
 
     Position P-1+t of the sequence predicts response token t; padding gets log-prob 0. The LM head runs on
-    the last T+1 positions only (`logits_to_keep`): prompt-position logits would be computed to be thrown away.
+    the T positions that predict response tokens only (`logits_to_keep` as positions): prompt-position logits
+    would be computed to be thrown away, and slicing the logits afterwards would cost a (B, T+1, V) zero-filled
+    gradient in backward.
     """
-    T = responses.shape[1]
-    logits = model(**sequence_inputs(queries, responses, pad_id), logits_to_keep=T + 1).logits  # (B, T+1, V)
-    logits = logits[:, :-1]  # (B, T, V)
+    P, T = queries.shape[1], responses.shape[1]
+    positions = torch.arange(P - 1, P - 1 + T, device=queries.device)  # (T,)
+    logits = model(**sequence_inputs(queries, responses, pad_id), logits_to_keep=positions).logits  # (B, T, V)
     labels = responses.masked_fill(responses == pad_id, data.IGNORE_INDEX)
     return selective_logprob(logits, labels, temperature=temperature, return_entropy=with_entropy)
 

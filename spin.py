@@ -23,20 +23,10 @@ Where this file departs from the paper or makes a choice it leaves open:
 - `--num-prompts` takes the first N SFT rows (the paper samples 50k of UltraChat's 200k).
 
 Defaults: 8192 prompts, 128 pairs per optimizer step, lr 1e-4, beta 0.5, temperature 1, one epoch per iteration.
-On the demo task SPIN does not beat its start model; what was measured (1024 held-out prompts, greedy, graded;
-gain = paired score difference to the start model +- 2 standard errors):
-    the demo SFT model, at 0.353 (accuracy 0.393): iteration 1 0.312 (accuracy 0.373, verbosity 3.07 -> 3.34);
-    2 epochs 0.341 (accuracy 0.403, verbosity 3.44); lr 3e-4 0.298
-    an SFT model from demonstrations skewed to verbosity 3 (an experiment), at 0.461 (accuracy 0.512): iteration
-    1 0.440 (-0.021 +- 0.022, accuracy 0.488, verbosity stayed 3); 2 epochs 0.441 (-0.019 +- 0.020)
-    an older demo SFT model, at 0.393 (256 prompts): 0.395 at these defaults, 0.354 with 2048 prompts, 0.345 at
-    beta 0.1, 0.349 at lr 2e-4, 0.344 at temperature 0.7.
-Why, as far as we can tell: the implicit-reward margins stay small (~0.07), so the loss is in its linear regime,
-where the generated term's expected gradient is zero (E_{y'~p}[grad log p(y')] = 0 at temperature 1). An
-iteration is then SFT on the gold answers plus zero-mean noise from the model's own samples, and on this task the
-noise costs more accuracy than the extra SFT step gains. The demo's demonstration styles are uniform, and levels 3
-and 4 share the opening "Let me work this out." and then tie, so the greedy style also flips between them on that
-noise (a tenth of the score); with demonstrations skewed to level 3 the style held, and accuracy still fell.
+On the demo task SPIN does not beat its start model, although the start model has room (plain SFT on the same
+gold answers gains +0.09 score). Its own answers' log-ratio falls fastest by changing the greedy answer's style
+(length), and the gold's log-prob falls with them. Every run tried, with the numbers, is in
+bench/results/spin_experiments.md.
 
 Outputs: output_dir/iter_k/ (the model after iteration k) and output_dir/ (the final model), both
 `save_pretrained` directories; eval.json holds the held-out ground truth per iteration (`iter_k/eval/score`,
