@@ -4,6 +4,7 @@ padding invariance, KTO/RPO data handling, malformed rows, a smoke run per loss 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from conftest import run_script
 
 # policy chosen/rejected = -1/-3, reference = -2/-2: rho_c = 1, rho_r = -1, Delta = 2.
 POL_C, POL_R, REF_C, REF_R = (torch.tensor([v]) for v in (-1.0, -3.0, -2.0, -2.0))
+LOG2 = math.log(2.0)
 
 
 def loss_of(loss_type, beta, **kw):
@@ -156,6 +158,8 @@ def test_precomputed_reference_equals_on_the_fly(demo_base, pref_data, tmp_path)
         *COMMON,
         "--local-micro-batch-size",
         "16",
+        "--sft-loss-weight",
+        "0",
     ]
     run_script("dpo.py", *args, "--output-dir", str(tmp_path / "live"))
     run_script("dpo.py", *args, "--output-dir", str(tmp_path / "pre"), "--precompute-ref-logprobs")
@@ -174,6 +178,19 @@ def test_precomputed_reference_equals_on_the_fly(demo_base, pref_data, tmp_path)
     run_script("dpo.py", *other_args, "--output-dir", str(tmp_path / "pre"), "--precompute-ref-logprobs")
     assert torch.load(tmp_path / "pre" / "ref_logprobs.pt", weights_only=False)["key"] != key
     assert losses(tmp_path / "pre")[0] == pytest.approx(0.693147, abs=1e-4)  # recomputed: policy == reference again
+
+
+def test_sft_loss_weight_adds_the_chosen_nll(demo_base, pref_data, tmp_path):
+    """At the first step the policy is the reference, so the preference loss is log 2 and the logged loss is
+    log 2 + w x train/sft_nll (the chosen responses' mean per-token NLL, itself well above 0 for this model)."""
+    for w in ("0", "0.5"):
+        run_script("dpo.py", "--model-path", str(demo_base), "--data", str(pref_data["pairs"]), *COMMON,
+                   "--sft-loss-weight", w, "--output-dir", str(tmp_path / w))  # fmt: skip
+    first = {w: json.loads((tmp_path / w / "metrics.jsonl").read_text().splitlines()[0]) for w in ("0", "0.5")}
+    assert first["0.5"]["train/sft_nll"] > 1.0
+    assert first["0"]["train/loss"] == pytest.approx(LOG2, abs=1e-4)
+    assert first["0.5"]["train/loss"] == pytest.approx(LOG2 + 0.5 * first["0.5"]["train/sft_nll"], abs=1e-4)
+    assert first["0.5"]["train/sft_nll"] == pytest.approx(first["0"]["train/sft_nll"], rel=1e-5)  # same weights, data
 
 
 def test_torchrun_two_processes_match_one(demo_base, pref_data, tmp_path):
