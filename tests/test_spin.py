@@ -153,15 +153,19 @@ def test_smoke_two_iterations_write_loadable_models_and_per_iteration_eval(smoke
 
 
 def test_reference_is_the_model_at_the_start_of_each_iteration(smoke, demo_base, tokenizer):
-    """The first loss of every iteration is log 2 (policy == reference), and the saved reference log-probs of
-    iteration 2 are the iteration-1 model's, not the start model's."""
+    """The first loss of every iteration is the loss at Delta = 0 (policy == reference: log 2 for sigmoid,
+    (1 / (2 beta))^2 = 1 for the default ipo at beta 0.5), and the saved reference log-probs of iteration 2 are the
+    iteration-1 model's, not the start model's."""
     from common.models import load_causal_lm
 
     out, _ = smoke
+    zero = torch.zeros(1)
+    at_start = spin.preference_loss(zero, zero, zero, zero, spin.Args.loss_type, spin.Args.beta)[0].item()
+    assert at_start == pytest.approx(1.0 if spin.Args.loss_type == "ipo" else LOG2)
     rows = [r for r in metrics(out) if "spin/iteration_step" in r]
     firsts = [r["train/loss"] for r in rows if r["spin/iteration_step"] == 1]
-    assert firsts == pytest.approx([LOG2, LOG2], abs=1e-4)
-    assert any(abs(r["train/loss"] - LOG2) > 1e-3 for r in rows)  # ... and it then moves away
+    assert firsts == pytest.approx([at_start, at_start], abs=1e-4)
+    assert any(abs(r["train/loss"] - at_start) > 1e-3 for r in rows)  # ... and it then moves away
 
     it1, it2 = (torch.load(out / "pairs" / f"iter_{k}.pt", weights_only=False) for k in (1, 2))
     items = [data.tokenize_pair(tokenizer, p, 128, 96, "t") for p in it2["pairs"] + it1["pairs"]]  # mixed, in order
