@@ -536,8 +536,9 @@ if __name__ == "__main__":
                     nonfinite = False
                     skipped_updates += 1
                     continue
-                grad_norm_clip(policy, args.max_grad_norm)
-                grad_norm_clip(value_model, args.max_grad_norm)
+                if args.max_grad_norm > 0:  # (the norm itself is not logged: no pass over the gradients when off)
+                    grad_norm_clip(policy, args.max_grad_norm)
+                    grad_norm_clip(value_model, args.max_grad_norm)
                 policy_opt.step()
                 value_opt.step()
                 policy_sched.step()

@@ -42,9 +42,9 @@ Ours runs `python ppo.py <flags>` in-process under `python bench/ppo_step.py --c
 the memory and CPU-time read-outs and turns ppo.py's final checkpoint write (after the timed updates) into a no-op, so
 that neither side's numbers include saving (TRL runs with save_strategy="no").
 Differences that are the trainers' own and stay: TRL takes old log-probs from the generation logits (one policy
-forward fewer), does not clip gradients (ours runs with --max-grad-norm 0, which still computes the norm), uses one
-fused AdamW over policy + value (ours: one single-tensor AdamW each on CPU), and on CUDA runs the reference and
-reward model outside autocast (fp32).
+forward fewer), does not clip gradients (ours runs with --max-grad-norm 0), uses one fused AdamW over policy + value
+(ours: one fused AdamW each, since 2026-11-29; before, single-tensor AdamW on CPU), and on CUDA runs the reference
+and reward model outside autocast (fp32).
 """
 
 from __future__ import annotations
