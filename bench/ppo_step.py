@@ -727,6 +727,15 @@ def main() -> None:
             f"Target (ours >= 1.5x TRL's end-to-end episodes/s at no more peak memory): {'met' if met else 'NOT met'} "
             f"({speed:.2f}x episodes/s, {mem:.2f}x peak memory)."
         )
+    if ours and trl and args.repeats > 1:
+        # runs r of the two sides ran back to back (ABBA order), so their ratio sees nearly the same machine state
+        pair = sorted(o["derived"]["eps"] / t["derived"]["eps"] for o, t in zip(runs["ours"], runs["trl"]))
+        eps = {s: [x["derived"]["eps"] for x in runs[s]] for s in sides}
+        text.append(
+            f"- episodes/s ratio of back-to-back run pairs: median {pair[(len(pair) - 1) // 2]:.2f}x, range "
+            f"{pair[0]:.2f}x-{pair[-1]:.2f}x; best run vs best run {max(eps['ours']) / max(eps['trl']):.2f}x, "
+            f"worst vs worst {min(eps['ours']) / min(eps['trl']):.2f}x"
+        )
     if args.repeats > 1:
         for s in sides:
             eps = ", ".join(f"{x['derived']['eps']:.1f}" for x in runs[s])
