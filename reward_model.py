@@ -39,7 +39,7 @@ from common import checkpoint, data
 from common.dist import autocast, cleanup, init_distributed, seed_everything, wrap_model
 from common.models import load_sequence_classifier, load_tokenizer
 from common.tracking import make_tracker
-from common.training import Schedule, StopSignal, grad_norm_clip, make_optimizer, make_scheduler, nonfinite_step
+from common.training import Schedule, StopSignal, make_optimizer, make_scheduler, nonfinite_step, optimizer_step
 
 
 @dataclass
@@ -260,11 +260,8 @@ if __name__ == "__main__":
     total_steps = args.total_steps or max(1, int(args.num_epochs * per_epoch))
     optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = make_scheduler(optimizer, args.lr_schedule, args.warmup_steps, total_steps)
-    start_step, skipped_steps = 0, 0
-    if args.resume:
-        state = checkpoint.load_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer})
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, skipped_steps = state["step"], state["skipped_steps"]
+    state = checkpoint.resume_run(args.output_dir, dist, model, optimizer, scheduler) if args.resume else {}
+    start_step, skipped_steps = state.get("step", 0), state.get("skipped_steps", 0)
     tracker = make_tracker(
         dist, args.output_dir, args, args.track, args.wandb_project, start_step if args.resume else -1
     )
@@ -278,8 +275,6 @@ if __name__ == "__main__":
         tracker.print(f"skipped: {err}")
 
     def save(step: int, extra_config: dict | None = None) -> None:
-        extra = {"step": step, "scheduler": scheduler.state_dict(), "skipped_steps": skipped_steps}
-        checkpoint.save_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer}, extra)
         config = {"plainalign_reward_model": True, "objective": args.objective} | (extra_config or {})
         if names:
             config |= {
@@ -288,7 +283,8 @@ if __name__ == "__main__":
                 "label2id": {n: i for i, n in enumerate(names)},
             }
             config["attribute_weights"] = parse_weights(args.attribute_weights, names)
-        checkpoint.export_pretrained(model, tokenizer, args.output_dir, dist, config)
+        extra = {"step": step, "skipped_steps": skipped_steps}
+        checkpoint.save_run(args.output_dir, dist, model, optimizer, scheduler, tokenizer, extra, config)
 
     # 4. training loop
     model.train()
@@ -329,10 +325,7 @@ if __name__ == "__main__":
             optimizer.zero_grad(set_to_none=True)
             skipped_steps += 1
             continue
-        grad_norm = grad_norm_clip(model, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         bar.update(1)
 
         # 5. log, evaluate, checkpoint

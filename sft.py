@@ -34,10 +34,10 @@ from common.tracking import make_tracker
 from common.training import (
     Schedule,
     StopSignal,
-    grad_norm_clip,
     make_optimizer,
     make_scheduler,
     nonfinite_step,
+    optimizer_step,
 )
 from kernels import selective_logprob
 
@@ -182,11 +182,8 @@ if __name__ == "__main__":
     total_steps = args.total_steps or max(1, int(args.num_epochs * per_epoch))
     optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = make_scheduler(optimizer, args.lr_schedule, args.warmup_steps, total_steps)
-    start_step, skipped_steps, initial = 0, 0, {}
-    if args.resume:
-        state = checkpoint.load_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer})
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, skipped_steps, initial = state["step"], state["skipped_steps"], state["initial"]
+    state = checkpoint.resume_run(args.output_dir, dist, model, optimizer, scheduler) if args.resume else {}
+    start_step, skipped_steps, initial = state.get("step", 0), state.get("skipped_steps", 0), state.get("initial", {})
     tracker = make_tracker(
         dist, args.output_dir, args, args.track, args.wandb_project, start_step if args.resume else -1
     )
@@ -200,9 +197,8 @@ if __name__ == "__main__":
         tracker.print(f"skipped: {err}")
 
     def save(step: int) -> None:
-        extra = {"step": step, "scheduler": scheduler.state_dict(), "skipped_steps": skipped_steps, "initial": initial}
-        checkpoint.save_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer}, extra)
-        checkpoint.export_pretrained(model, tokenizer, args.output_dir, dist)
+        extra = {"step": step, "skipped_steps": skipped_steps, "initial": initial}
+        checkpoint.save_run(args.output_dir, dist, model, optimizer, scheduler, tokenizer, extra)
 
     demo_eval_on = args.demo_eval_prompts > 0 and args.data == "demo"
     if demo_eval_on and not args.resume:
@@ -233,10 +229,7 @@ if __name__ == "__main__":
             optimizer.zero_grad(set_to_none=True)
             skipped_steps += 1
             continue
-        grad_norm = grad_norm_clip(model, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         tokens_seen += dist.sum(sum(len(e["input_ids"]) for e in examples))
         bar.update(1)
 

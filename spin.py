@@ -64,10 +64,10 @@ from common.training import (
     NonFiniteLoss,
     Schedule,
     StopSignal,
-    grad_norm_clip,
     make_optimizer,
     make_scheduler,
     nonfinite_step,
+    optimizer_step,
 )
 from kernels import selective_logprob
 
@@ -591,10 +591,7 @@ if __name__ == "__main__":
                 skipped_steps += 1
                 global_step += 1
                 continue
-            grad_norm = grad_norm_clip(model, args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
             global_step += 1
             bar.update(1)
             dist.all_reduce(stats)  # once per update: the iteration's totals need every step

@@ -63,7 +63,7 @@ from common.dist import autocast, cleanup, init_distributed, sampling_generator,
 from common.generation import demo_eval, generate
 from common.models import load_causal_lm, load_sequence_classifier, load_tokenizer, resolve_model_path
 from common.tracking import make_tracker
-from common.training import Schedule, StopSignal, grad_norm_clip, make_optimizer, make_scheduler, nonfinite_step
+from common.training import Schedule, StopSignal, make_optimizer, make_scheduler, nonfinite_step, optimizer_step
 from kernels import selective_logprob
 
 DEFAULT_START = "out/sft"
@@ -666,11 +666,8 @@ def train_stage(args: TrainArgs, dist) -> dict:
     total_steps = args.total_steps or max(1, int(args.num_epochs * per_epoch))
     optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = make_scheduler(optimizer, args.lr_schedule, args.warmup_steps, total_steps)
-    start_step, skipped_steps, initial = 0, 0, {}
-    if args.resume:
-        state = checkpoint.load_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer})
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, skipped_steps, initial = state["step"], state["skipped_steps"], state["initial"]
+    state = checkpoint.resume_run(args.output_dir, dist, model, optimizer, scheduler) if args.resume else {}
+    start_step, skipped_steps, initial = state.get("step", 0), state.get("skipped_steps", 0), state.get("initial", {})
     tracker = make_tracker(
         dist, args.output_dir, args, args.track, args.wandb_project, start_step if args.resume else -1
     )
@@ -687,10 +684,9 @@ def train_stage(args: TrainArgs, dist) -> dict:
         tracker.print(f"skipped: {err}")
 
     def save(step: int) -> None:
-        extra = {"step": step, "scheduler": scheduler.state_dict(), "skipped_steps": skipped_steps, "initial": initial}
-        checkpoint.save_trainer_state(args.output_dir, dist, {"model": model}, {"model": optimizer}, extra)
+        extra = {"step": step, "skipped_steps": skipped_steps, "initial": initial}
         config = {"steerlm_attributes": order, "steerlm_conditioning": mode}  # read back by `generate`
-        checkpoint.export_pretrained(model, tokenizer, args.output_dir, dist, config)
+        checkpoint.save_run(args.output_dir, dist, model, optimizer, scheduler, tokenizer, extra, config)
 
     if demo_eval_on and args.demo_eval_prompts > 0 and not args.resume:
         initial = demo_eval(model, tokenizer, dist, args.demo_eval_prompts, args.max_new_tokens)  # no attributes
@@ -719,10 +715,7 @@ def train_stage(args: TrainArgs, dist) -> dict:
             optimizer.zero_grad(set_to_none=True)
             skipped_steps += 1
             continue
-        grad_norm = grad_norm_clip(model, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         tokens_seen += dist.sum(sum(len(e["input_ids"]) for e in local))
         bar.update(1)
 

@@ -171,3 +171,20 @@ def load_trainer_state(
             stacklevel=2,
         )
     return torch.load(path / "state.pt", weights_only=False)
+
+
+def save_run(
+    output_dir, dist, model, optimizer, scheduler, tokenizer, extra: dict, config_updates=None, generators=None
+):
+    """Checkpoint of a one-model run: trainer state (model, optimizer, LR schedule, RNG, `extra`) for --resume,
+    and the exported HF model beside it. Collective under torchrun."""
+    state = extra | {"scheduler": scheduler.state_dict()}
+    save_trainer_state(output_dir, dist, {"model": model}, {"model": optimizer}, state, generators)
+    export_pretrained(model, tokenizer, output_dir, dist, config_updates)
+
+
+def resume_run(output_dir, dist, model, optimizer, scheduler, generators=None) -> dict:
+    """Restore what `save_run` wrote (the LR schedule included), in place; returns its `extra` dict."""
+    state = load_trainer_state(output_dir, dist, {"model": model}, {"model": optimizer}, generators)
+    scheduler.load_state_dict(state["scheduler"])
+    return state

@@ -29,6 +29,16 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
+def optimizer_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
+    """The end of a training step: clip the gradient norm (0 = no clipping), step the optimizer and the LR
+    schedule, clear the gradients. Returns the norm before clipping (logged as train/grad_norm)."""
+    grad_norm = grad_norm_clip(model, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def make_scheduler(optimizer, schedule: Schedule, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
     """Linear warmup for `warmup_steps`, then cosine or linear decay to `min_lr_ratio` x lr, or constant."""
 
