@@ -30,8 +30,10 @@ Defaults: the ipo loss (a departure: see below), 8192 prompts, 128 pairs per opt
 temperature 1, one epoch per iteration.
 On the demo task (`make demo`, from an SFT model at score 0.460, accuracy 0.518; 1024 held-out prompts, gain +- 2
 standard errors, paired): iteration 1 0.487 (+0.027 +- 0.021), iteration 2 0.492 (+0.032 +- 0.023, accuracy
-0.564). With the paper's logistic loss the style of the greedy answer drifted and iteration 2 fell below the start
-(0.468, then 0.429). Every run tried, with the numbers, is in bench/results/spin_experiments.md.
+0.564). A later `make demo` (fused AdamW, SFT at 0.428) gave 0.409 (-0.019 +- 0.019) then 0.442 (+0.014 +- 0.020):
+the gain is small and depends on the start model. With the paper's logistic loss the style of the greedy answer
+drifted and iteration 2 fell below the start (0.468, then 0.429). Every run tried, with the numbers, is in
+bench/results/spin_experiments.md.
 
 Outputs: output_dir/iter_k/ (the model after iteration k) and output_dir/ (the final model), both
 `save_pretrained` directories; eval.json holds the held-out ground truth per iteration (`iter_k/eval/score`,
