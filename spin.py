@@ -26,7 +26,7 @@ Where this file departs from the paper or makes a choice it leaves open:
   demo task it was the only loss whose first iteration beat the start model beyond noise (one iteration from the
   same SFT model: ipo +0.027 +- 0.021, sigmoid +0.008 +- 0.025, hinge -0.029 +- 0.027).
 
-Defaults: the ipo loss (a departure: see below), 8192 prompts, 128 pairs per optimizer step, lr 1e-4, beta 0.5,
+Defaults: the ipo loss (a departure: see above), 8192 prompts, 128 pairs per optimizer step, lr 1e-4, beta 0.5,
 temperature 1, one epoch per iteration.
 On the demo task (`make demo`, from an SFT model at score 0.460, accuracy 0.518; 1024 held-out prompts, gain +- 2
 standard errors, paired): iteration 1 0.487 (+0.027 +- 0.021), iteration 2 0.492 (+0.032 +- 0.023, accuracy
