@@ -6,8 +6,9 @@ with the implementation details catalogued in "The N+ Implementation Details of 
 2024). One update:
     1. rollout   sample a response per prompt from the policy (left-padded prompts, KV cache, temperature);
                  cut after the first EOS; responses that never stop can be penalised (--missing-eos-penalty)
-    2. score     the reward model's score at the last response token, optionally normalised with the reward
-                 model's stored statistics (score_mean/score_std written by reward_model.py)
+    2. score     the reward model's score of prompt + response through EOS (common.rewards: the tokens it was
+                 trained and evaluated on), optionally normalised with the reward model's stored statistics
+                 (score_mean/score_std written by reward_model.py over the same kind of sequences)
     3. penalty   per-token KL to the reference, k1 = log pi - log pi_ref or k3, with a fixed or adaptive
                  (Ziegler et al., eq. 2) coefficient; the score is added at the last token
     4. GAE       advantages with (gamma, lambda) from the value model's per-token values, whitened over the
@@ -35,7 +36,7 @@ import torch
 import tyro
 from transformers import AutoConfig
 
-from common import checkpoint, data
+from common import checkpoint, data, rewards
 from common.dist import (
     autocast,
     cleanup,
@@ -45,7 +46,7 @@ from common.dist import (
     seed_everything,
     wrap_model,
 )
-from common.generation import demo_eval, generate, paired_difference, sample_key
+from common.generation import demo_eval, generate, never_sampled, paired_difference, sample_key
 from common.models import load_causal_lm, load_sequence_classifier, load_tokenizer
 from common.tracking import make_tracker
 from common.training import (
@@ -310,6 +311,7 @@ def response_logprobs(model, queries, responses, pad_id: int, temperature: float
     P, T = queries.shape[1], responses.shape[1]
     positions = torch.arange(P - 1, P - 1 + T, device=queries.device)  # (T,)
     logits = model(**sequence_inputs(queries, responses, pad_id), logits_to_keep=positions).logits  # (B, T, V)
+    logits = never_sampled(logits, pad_id)  # the distribution generation sampled from (the pad token excluded)
     labels = responses.masked_fill(responses == pad_id, data.IGNORE_INDEX)
     return selective_logprob(logits, labels, temperature=temperature, return_entropy=with_entropy)
 
@@ -474,7 +476,10 @@ if __name__ == "__main__":
                     response_logprobs(ref_policy, q, r, tokenizer.pad_token_id, args.temperature).float()
                 )
                 old_values.append(per_token_scores(value_model, q, r, tokenizer.pad_token_id)[0])
-                scores.append(per_token_scores(reward_model, q, r, tokenizer.pad_token_id)[1])
+                # the reward model reads exactly the tokens it was trained on (common.rewards: prompt + reply
+                # through EOS), the same sequences reward_model.py scored for its statistics
+                scores.append(rewards.score_replies(reward_model, query_list[s : s + len(q)], response_list[s : s + len(q)],
+                                                    tokenizer.pad_token_id, tokenizer.eos_token_id, dist.device)[:, 0])  # fmt: skip
             old_logprobs, old_entropy = torch.cat(old_logprobs), torch.cat(old_entropy)  # (B, T)
             ref_logprobs, old_values, scores = torch.cat(ref_logprobs), torch.cat(old_values), torch.cat(scores)
         raw_scores = scores.clone()
@@ -486,13 +491,13 @@ if __name__ == "__main__":
         kl = kl_estimate(old_logprobs, ref_logprobs, args.kl_estimator) * mask  # (B, T)
         non_score_reward = -kl_ctl.value * kl
         last = (mask.sum(-1).long() - 1).clamp(min=0)  # index of the last kept token (B,)
-        rewards = non_score_reward.clone()
-        rewards[torch.arange(len(idx), device=dist.device), last] += scores
+        token_rewards = non_score_reward.clone()
+        token_rewards[torch.arange(len(idx), device=dist.device), last] += scores
         if args.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False, dist=dist)
+            token_rewards = whiten(token_rewards, mask, shift_mean=False, dist=dist)
 
         # 4. advantages (GAE) and returns; advantages whitened over the global batch's response tokens
-        advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.lam)
+        advantages, returns = compute_gae(token_rewards, old_values, mask, args.gamma, args.lam)
         advantages = whiten(advantages, mask, dist=dist)
         t_score = clock(dist) - t_score
 

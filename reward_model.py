@@ -11,9 +11,11 @@ attribute, mean squared error over the attributes a row actually has. A missing 
 nothing to the loss (it is never a 0 label). `--attribute-weights` stores a weighting that merges the
 attributes into one scalar reward at inference (HelpSteer2 style); it is saved in the model's config.
 
-The score of a sequence is read at its last non-pad token (the end of the response), by the model itself
-(`AutoModelForSequenceClassification` pools there), so the saved directory scores identically when loaded by
-transformers alone. The head is initialised N(0, 1/sqrt(H+1)) and chosen and rejected go through one forward.
+The score of a sequence is read at its last token by the model itself (`AutoModelForSequenceClassification` pools
+at the last non-pad token), so the saved directory scores identically when loaded by transformers alone. The
+sequence is `common.rewards.reward_model_tokens`: prompt + reply up to and including its end-of-turn (EOS) token,
+without the newline the chat template writes after it, because that is what a generated reply ends with and
+ppo.py/grpo.py score generated replies (the same definition everywhere; see common/rewards.py). The head is initialised N(0, 1/sqrt(H+1)) and chosen and rejected go through one forward.
 After training, `score_mean`/`score_std` of the rewards on the held-out set are written to the config, so
 `ppo.py` can normalise rewards.
 
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data
+from common import checkpoint, data, rewards
 from common.dist import autocast, cleanup, init_distributed, seed_everything, wrap_model
 from common.models import load_sequence_classifier, load_tokenizer
 from common.tracking import make_tracker
@@ -136,10 +138,23 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Ten
     return (err**2).sum(), present.sum()
 
 
-def scores(model, sequences: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
-    """Scores (B, N) of right-padded sequences, read by the model at each one's last non-pad token."""
-    batch = data.collate([{"input_ids": s, "labels": s} for s in sequences], pad_id)
-    return model(**data.model_inputs(batch, model, device)).logits.float()
+def tokenize_example(tokenizer, record: dict, args: Args, names: list[str], context: str) -> dict:
+    """bt: {"chosen", "rejected"} token ids (prompt + reply through EOS, `rewards.reward_model_tokens`) and the
+    margin; regression: {"input_ids", "target"} with NaN for a missing attribute."""
+    eos = tokenizer.eos_token_id
+    if args.objective == "bt":
+        t = data.tokenize_pair(tokenizer, record, args.max_seq_len, args.max_prompt_len, context)
+        margin = record["margin"] if args.use_margin and record["margin"] is not None else 0.0
+        return {
+            "chosen": rewards.reward_model_tokens(t["prompt_ids"], t["chosen_ids"], eos),
+            "rejected": rewards.reward_model_tokens(t["prompt_ids"], t["rejected_ids"], eos),
+            "margin": margin,
+        }
+    ids = rewards.conversation_reward_tokens(tokenizer, record["messages"], context)
+    if len(ids) > args.max_seq_len:
+        raise data.DataError(f"{context}: {len(ids)} tokens, over --max-seq-len {args.max_seq_len}")
+    target = [math.nan if record["attributes"].get(n) is None else record["attributes"][n] for n in names]
+    return {"input_ids": ids, "target": target}
 
 
 def parse_weights(spec: str, names: list[str]) -> list[float] | None:
@@ -156,7 +171,8 @@ def parse_weights(spec: str, names: list[str]) -> list[float] | None:
 
 @torch.no_grad()
 def evaluate(model, items: list[dict], args: Args, dist, pad_id: int, names: list[str]) -> tuple[dict, torch.Tensor]:
-    """bt: eval/accuracy (chosen scored higher), eval/margin, eval/loss; regression: per-attribute MAE/RMSE.
+    """bt: eval/accuracy (chosen scored higher), eval/margin, eval/loss (the training loss: BT with the pairs'
+    margins and the centering term); regression: eval/loss (mean squared error) and per-attribute MAE/RMSE.
 
     Also returns this rank's scores of every held-out response, for the reward statistics.
     """
@@ -168,15 +184,15 @@ def evaluate(model, items: list[dict], args: Args, dist, pad_id: int, names: lis
         total = torch.zeros(4, dtype=torch.float64, device=dist.device)  # correct, margin, loss, count
         for mb in data.micro_batches(local, args.local_micro_batch_size):
             with autocast(dist):
-                r = scores(model, [e["chosen"] for e in mb] + [e["rejected"] for e in mb], pad_id, dist.device)[:, 0]
+                r = rewards.score_sequences(
+                    model, [e["chosen"] for e in mb] + [e["rejected"] for e in mb], pad_id, dist.device
+                )[:, 0]
             rc, rr = r[: len(mb)], r[len(mb) :]
+            margin = torch.tensor([e["margin"] for e in mb], device=dist.device)
+            # the training objective itself (margin and centering term included), so eval/loss compares with train/loss
+            loss = bt_loss(rc, rr, margin, args.center_rewards_coefficient)
             total += torch.stack(
-                [
-                    (rc > rr).sum(),
-                    (rc - rr).sum(),
-                    -F.logsigmoid(rc - rr).sum(),
-                    torch.tensor(len(mb), device=dist.device),
-                ]
+                [(rc > rr).sum(), (rc - rr).sum(), loss.sum(), torch.tensor(len(mb), device=dist.device)]
             ).double()
             all_scores.append(r)
         dist.all_reduce(total)
@@ -189,7 +205,7 @@ def evaluate(model, items: list[dict], args: Args, dist, pad_id: int, names: lis
         err = torch.zeros(3, len(names), dtype=torch.float64, device=dist.device)  # |e|, e^2, count
         for mb in data.micro_batches(local, args.local_micro_batch_size):
             with autocast(dist):
-                pred = scores(model, [e["input_ids"] for e in mb], pad_id, dist.device)
+                pred = rewards.score_sequences(model, [e["input_ids"] for e in mb], pad_id, dist.device)
             target = torch.tensor([e["target"] for e in mb], device=dist.device)
             present = ~torch.isnan(target)
             diff = torch.where(present, pred - torch.nan_to_num(target), 0.0).double()
@@ -226,19 +242,7 @@ if __name__ == "__main__":
             names += [n for n in r["attributes"] if n not in names]
 
     def tok(record, context):
-        if args.objective == "bt":
-            t = data.tokenize_pair(tokenizer, record, args.max_seq_len, args.max_prompt_len, context)
-            margin = record["margin"] if args.use_margin and record["margin"] is not None else 0.0
-            return {
-                "chosen": t["prompt_ids"] + t["chosen_ids"],
-                "rejected": t["prompt_ids"] + t["rejected_ids"],
-                "margin": margin,
-            }
-        ids, _ = data.tokenize_conversation(tokenizer, record["messages"], context)
-        if len(ids) > args.max_seq_len:
-            raise data.DataError(f"{context}: {len(ids)} tokens, over --max-seq-len {args.max_seq_len}")
-        target = [math.nan if record["attributes"].get(n) is None else record["attributes"][n] for n in names]
-        return {"input_ids": ids, "target": target}
+        return tokenize_example(tokenizer, record, args, names, context)
 
     train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
     evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
@@ -305,7 +309,7 @@ if __name__ == "__main__":
                 model.set_requires_gradient_sync(k == len(micro) - 1)
             with autocast(dist):
                 if args.objective == "bt":
-                    r = scores(
+                    r = rewards.score_sequences(
                         model,
                         [e["chosen"] for e in mb] + [e["rejected"] for e in mb],
                         tokenizer.pad_token_id,
@@ -316,7 +320,9 @@ if __name__ == "__main__":
                     mb_loss = bt_loss(rc, rr, margin, args.center_rewards_coefficient).sum()
                     stats += torch.stack([(rc > rr).float().sum(), (rc - rr).sum(), (rc + rr).sum() / 2]).detach()
                 else:
-                    pred = scores(model, [e["input_ids"] for e in mb], tokenizer.pad_token_id, dist.device)
+                    pred = rewards.score_sequences(
+                        model, [e["input_ids"] for e in mb], tokenizer.pad_token_id, dist.device
+                    )
                     mb_loss, _ = regression_loss(pred, torch.tensor([e["target"] for e in mb], device=dist.device))
             (mb_loss / denom).backward()
             loss_sum += mb_loss.detach()

@@ -41,11 +41,8 @@ from scratch), evaluate, write out/steerlm; about 4 minutes on 2 free CPU cores)
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -58,7 +55,7 @@ from typing import Annotated, Literal
 import torch
 import tyro
 
-from common import checkpoint, data, demo_task
+from common import checkpoint, data, demo_task, rewards
 from common.dist import autocast, cleanup, init_distributed, sampling_generator, seed_everything, wrap_model
 from common.generation import demo_eval, generate
 from common.models import load_causal_lm, load_sequence_classifier, load_tokenizer, resolve_model_path
@@ -343,30 +340,10 @@ def demo_rules(prompt: str, response: str) -> dict[str, int]:
 
 
 def load_rules(spec: str) -> Callable[[str, str], dict]:
-    """`demo`, `package.module:function`, or `path/to/file.py:function` -> the function.
-
-    Module paths are imported with the current directory on sys.path, so `--rules my_rules:score` finds
-    ./my_rules.py.
+    """`demo`, `package.module:function`, or `path/to/file.py:function` -> the function (common.rewards.load_callable:
+    module paths are imported with the current directory on sys.path, so `--rules my_rules:score` finds ./my_rules.py).
     """
-    if spec == "demo":
-        return demo_rules
-    module, sep, name = spec.rpartition(":")
-    if not sep or not module or not name:
-        raise ValueError(f"--rules {spec!r}: expected 'demo', 'module.path:function' or 'file.py:function'")
-    if module.endswith(".py"):
-        if not Path(module).exists():
-            raise FileNotFoundError(f"--rules {spec!r}: no such file {module}")
-        mod_spec = importlib.util.spec_from_file_location(Path(module).stem, module)
-        mod = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(mod)
-    else:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        mod = importlib.import_module(module)
-    fn = getattr(mod, name, None)
-    if not callable(fn):
-        raise TypeError(f"--rules {spec!r}: {module} has no function {name!r}")
-    return fn
+    return demo_rules if spec == "demo" else rewards.load_callable(spec, "--rules")
 
 
 def rule_labels(fn: Callable, prompt: str, response: str, context: str) -> dict[str, int]:
@@ -392,13 +369,6 @@ def split_turn(messages: list[dict]) -> tuple[str, str]:
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     users = [m["content"] for m in messages[:last] if m["role"] == "user"]
     return (users[-1] if users else ""), messages[last]["content"]
-
-
-@torch.no_grad()
-def predict_attributes(model, sequences: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
-    """Raw attribute predictions (B, N) of right-padded sequences, read at each one's last non-pad token."""
-    batch = data.collate([{"input_ids": s, "labels": s} for s in sequences], pad_id)
-    return model(**data.model_inputs(batch, model, device)).logits.float()
 
 
 def pad_to_multiple(items: list, k: int) -> list:
@@ -434,14 +404,17 @@ def label_stage(args, dist, output_file: str) -> Path:
         model = load_sequence_classifier(args.label_model, dist.device, len(names), pad_token_id=tokenizer.pad_token_id)
         model = wrap_model(model, dist, trainable=False)
         say(f"labelling {n} rows with {args.label_model} (attributes {names}) on {dist.world_size} rank(s)")
-        seqs = [data.render(tokenizer, r["messages"]) for r in local]
+        # the tokens the attribute model was trained on (common.rewards: prompt + reply through its end-of-turn)
+        seqs = [
+            rewards.conversation_reward_tokens(tokenizer, r["messages"], data.where(data_path, r["row"])) for r in local
+        ]
         fits = [len(s) <= args.max_seq_len for s in seqs]
         # a row too long for the model is not scored from a truncated view: it is reported, and a stand-in keeps
         # the number of forwards equal on every rank (FSDP)
         stand_in = next((s for s, ok in zip(seqs, fits) if ok), [tokenizer.pad_token_id])
         for mb in data.micro_batches(list(range(len(seqs))), args.label_batch_size):
-            with autocast(dist):
-                pred = predict_attributes(
+            with torch.no_grad(), autocast(dist):
+                pred = rewards.score_sequences(
                     model, [seqs[i] if fits[i] else stand_in for i in mb], tokenizer.pad_token_id, dist.device
                 )
             for i, values in zip(mb, clamp_round(pred).tolist()):

@@ -58,6 +58,17 @@ def keyed_uniform(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     return (bits.double() + 0.5) / 4294967296.0
 
 
+def never_sampled(logits: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """The logits (..., V) of the distribution generation samples from: the pad token's logit at -inf.
+
+    Padding is never a token of an answer, so `generate` removes it before sampling; the log-probs of sampled
+    tokens (PPO/GRPO ratios, the KL to the reference) must be taken under the same distribution, so they pass their
+    logits through this too. Out of place: the model's logits may be needed for backward. Top-k/top-p truncation is
+    not corrected for in those log-probs (as in TRL): they are taken under the full softmax at the temperature.
+    """
+    return logits.index_fill(-1, torch.tensor([pad_id], device=logits.device), float("-inf"))
+
+
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator, uniforms: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -137,8 +148,7 @@ def generate(
                 past = getattr(o, cache_kw)
                 logits = o.logits[:, -1].float()  # (B, V)
                 nan = torch.isnan(logits).any(-1)  # (B,) checked with the stopping all-reduce below, on every rank
-                logits = torch.where(nan[:, None], torch.zeros_like(logits), logits)
-                logits[:, pad_id] = float("-inf")  # padding is never a token of an answer
+                logits = never_sampled(torch.where(nan[:, None], torch.zeros_like(logits), logits), pad_id)
                 uniforms = None
                 if sample_keys is not None and temperature > 0:
                     keys = torch.tensor(sample_keys[b * batch_size : (b + 1) * batch_size], device=dist.device)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import data, demo_task  # noqa: E402
 from common.dist import init_distributed, seed_everything  # noqa: E402
-from common.generation import demo_eval, generate, paired_difference  # noqa: E402
+from common.generation import demo_eval, generate, never_sampled, paired_difference  # noqa: E402
 from common.models import load_causal_lm, load_tokenizer  # noqa: E402
 from kernels import selective_logprob  # noqa: E402
 
@@ -57,7 +57,8 @@ class Args:
 
 @torch.no_grad()
 def kl_to_reference(model, ref, tokenizer, prompts: list[list[int]], dist, max_new_tokens: int, seed: int) -> float:
-    """Mean over prompts of sum_t [log pi(y_t | ...) - log pi_ref(y_t | ...)] for y sampled from pi."""
+    """Mean over prompts of sum_t [log pi(y_t | ...) - log pi_ref(y_t | ...)] for y sampled from pi (both
+    distributions without the pad token, which generation never samples)."""
     g = torch.Generator().manual_seed(seed)
     responses = generate(model, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                          max_new_tokens=max_new_tokens, dist=dist, temperature=1.0, generator=g)  # fmt: skip
@@ -70,7 +71,7 @@ def kl_to_reference(model, ref, tokenizer, prompts: list[list[int]], dist, max_n
         targets = batch["labels"][:, 1:]
         per_model = []
         for m in (model, ref):
-            logits = m(**data.model_inputs(batch, m, dist.device)).logits
+            logits = never_sampled(m(**data.model_inputs(batch, m, dist.device)).logits, tokenizer.pad_token_id)
             per_model.append(selective_logprob(logits[:, :-1], targets).sum(-1))
         total += (per_model[0] - per_model[1]).sum().item()
     return total / len(prompts)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import reward_model as rm
-from common import data, demo_task
+from common import data, demo_task, rewards
 from conftest import run_script
 
 
@@ -63,8 +63,8 @@ def test_score_is_invariant_to_padding_amount_and_side(demo_base, tokenizer):
         ],
     )
     with torch.no_grad():
-        alone = rm.scores(model, [seq], pad, torch.device("cpu"))[0, 0]
-        right = rm.scores(model, [seq, longer], pad, torch.device("cpu"))[0, 0]  # right-padded next to a longer one
+        alone = rewards.score_sequences(model, [seq], pad, torch.device("cpu"))[0, 0]
+        right = rewards.score_sequences(model, [seq, longer], pad, torch.device("cpu"))[0, 0]  # right-padded next to a longer one
         left = data.collate(
             [{"input_ids": seq, "labels": seq}, {"input_ids": longer, "labels": longer}], pad, side="left"
         )
@@ -116,7 +116,7 @@ def test_bt_smoke_and_round_trip_through_transformers(demo_base, rm_data, tmp_pa
     seqs = [data.render(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": a}]) for p, a in
             [("Add 4 and 4.", "8"), ("Which is larger, 12 or 31?", "Sure! The answer is 31. Hope this helps.")]]  # fmt: skip
     with torch.no_grad():
-        ours = rm.scores(model, seqs, tok.pad_token_id, torch.device("cpu"))[:, 0]
+        ours = rewards.score_sequences(model, seqs, tok.pad_token_id, torch.device("cpu"))[:, 0]
         plain = torch.stack([model(torch.tensor([s])).logits[0, 0] for s in seqs])  # transformers alone, no padding
     assert torch.allclose(ours, plain, atol=1e-5)
 

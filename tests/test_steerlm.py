@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import steerlm
-from common import data, demo_task
+from common import data, demo_task, rewards
 from common.dist import init_distributed
 from conftest import run_script
 
@@ -182,7 +182,7 @@ def test_plugin_rules_from_module_and_file(tmp_path, monkeypatch):
     assert steerlm.load_rules("demo") is steerlm.demo_rules
     with pytest.raises(TypeError, match=re.escape("--rules 'my_rules:nothing': my_rules has no function 'nothing'")):
         steerlm.load_rules("my_rules:nothing")
-    with pytest.raises(ValueError, match="expected 'demo', 'module.path:function' or 'file.py:function'"):
+    with pytest.raises(ValueError, match="expected 'module.path:function' or 'file.py:function'"):
         steerlm.load_rules("my_rules")
     with pytest.raises(
         data.DataError,
@@ -218,12 +218,12 @@ def test_label_stage_with_rules_and_with_an_attribute_model(demo_base, tmp_path)
     names = ["helpfulness", "verbosity", "coherence"]
     tok = AutoTokenizer.from_pretrained(demo_base)
     model = load_sequence_classifier(str(demo_base), torch.device("cpu"), 3, pad_token_id=tok.pad_token_id).eval()
-    seqs = [data.render(tok, r["messages"]) for r in labelled]
+    seqs = [rewards.conversation_reward_tokens(tok, r["messages"]) for r in labelled]
     targets = torch.linspace(-2.2, 6.2, 24)[:, None] + torch.tensor([0.0, 0.13, 0.27])  # (24, 3)
     with torch.no_grad():
         hidden = torch.stack([model.model(torch.tensor([s])).last_hidden_state[0, -1] for s in seqs])  # (24, H)
         model.score.weight.copy_(torch.linalg.lstsq(hidden, targets).solution.T)
-        raw = torch.cat([steerlm.predict_attributes(model, [s], tok.pad_token_id, torch.device("cpu")) for s in seqs])
+        raw = torch.cat([rewards.score_sequences(model, [s], tok.pad_token_id, torch.device("cpu")) for s in seqs])
     assert torch.allclose(raw, targets, atol=1e-3)
     model.config.attribute_names = names
     model.save_pretrained(tmp_path / "attr_model")
