@@ -147,6 +147,7 @@ NAMESPACES = {
     "spin.py": {"train", "eval", "perf", "initial", "rewards", "logps", "spin", "iter"},
     "steerlm.py": {"train", "eval", "perf", "initial", "steer", "contrast", "label"},
     "ppo.py": {"objective", "ppo", "perf", "eval", "initial"},
+    "grpo.py": {"objective", "reward", "grpo", "perf", "eval", "initial"},
 }
 METRIC = re.compile(r"^([a-z]+)(?:_\d+)?/[a-z_0-9/{}]+$")
 
@@ -193,3 +194,8 @@ def test_design_metric_names_are_used():
             assert key in keys, (script, key)
     for script in ("sft.py", "steerlm.py"):
         assert {"train/loss", "eval/loss"} <= metric_literals(ROOT / script), script
+    grpo_keys = metric_literals(ROOT / "grpo.py")
+    for key in ["objective/kl", "objective/entropy", "reward/mean", "reward/std", "reward/{name}", "grpo/zero_std_groups",
+                "grpo/clipfrac_low", "grpo/clipfrac_high", "grpo/loss", "grpo/response_length", "grpo/truncated_frac",
+                "perf/tokens_per_sec"]:  # fmt: skip
+        assert key in grpo_keys, key

@@ -1,6 +1,6 @@
 """What every training script must survive (issue: "the fault tests every script must pass").
 
-For each of sft, reward_model, dpo, ppo, steerlm (train) and spin, on a tiny CPU run at a fixed seed:
+For each of sft, reward_model, dpo, ppo, grpo, steerlm (train) and spin, on a tiny CPU run at a fixed seed:
   - kill -9 in the middle of training, then `--resume`: the continued run logs the same losses as an
     uninterrupted one (fp32; the losses after the last checkpoint are recomputed, not lost or doubled);
   - SIGTERM: a checkpoint is written, the process says where and exits 0, and the model on disk loads;
@@ -37,9 +37,13 @@ def files(demo_base, tmp_path_factory):
     rm = load_sequence_classifier(str(demo_base), torch.device("cpu"), 1, pad_token_id=tok.pad_token_id, init_head=True)
     rm.save_pretrained(root / "rm")
     tok.save_pretrained(root / "rm")
+    (root / "length_reward.py").write_text(
+        "def length(prompts, completions, **kw):\n    return [len(c) / 10 for c in completions]\n"
+    )
     return {
         "base": str(demo_base),
         "rm": str(root / "rm"),
+        "length_reward": f"{root / 'length_reward.py'}:length",
         "sft": str(demo_task.write_jsonl(demo_task.sft_rows(seed=7, n=400), root / "sft.jsonl")),
         "pairs": str(demo_task.write_jsonl(demo_task.preference_rows(seed=7, n=400), root / "pairs.jsonl")),
         "prompts": str(demo_task.write_jsonl(demo_task.prompt_rows(seed=7, n=200), root / "prompts.jsonl")),
@@ -85,6 +89,11 @@ def spec(name: str, f: dict, model: str | None = None) -> tuple[list[str], str]:
         return ["ppo.py", "--model-path", model, "--reward-model-path", f["rm"], "--data", f["prompts"],
                 "--total-episodes", "80", "--local-rollout-batch-size", "8", "--response-length", "10",
                 "--demo-eval-prompts", "0", "--sample-every", "0", "--log-every", "1"], "ppo/loss/policy_avg"  # fmt: skip
+    if name == "grpo":
+        return ["grpo.py", "--model-path", model, "--data", f["prompts"], "--reward-fn", f["length_reward"],
+                "--total-episodes", "40", "--local-rollout-batch-size", "4", "--num-generations", "4",
+                "--response-length", "10", "--learning-rate", "1e-3", "--demo-eval-prompts", "0", "--sample-every", "0",
+                "--log-every", "1"], "grpo/loss"  # fmt: skip
     if name == "spin":
         return ["spin.py", "--model-path", model, "--data", f["sft"], "--iterations", "1", "--num-prompts", "80",
                 "--max-new-tokens", "10", "--local-micro-batch-size", "8", "--eval-size", "16",
@@ -92,7 +101,7 @@ def spec(name: str, f: dict, model: str | None = None) -> tuple[list[str], str]:
     raise ValueError(name)
 
 
-SCRIPTS = ["sft", "reward_model", "dpo", "ppo", "steerlm", "spin"]
+SCRIPTS = ["sft", "reward_model", "dpo", "ppo", "grpo", "steerlm", "spin"]
 
 
 def logged(out, key: str) -> list[float]:
@@ -183,3 +192,10 @@ def test_ppo_nonfinite_loss(files, nan_model, tmp_path):
     cmd, _ = spec("ppo", files, model=nan_model)
     proc = run_script(*cmd, "--output-dir", str(tmp_path / "stop"), check=False)
     assert proc.returncode != 0 and "non-finite logits at step 0 (rollout)" in proc.stderr
+
+
+def test_grpo_nonfinite_policy(files, nan_model, tmp_path):
+    """GRPO with a NaN policy: the first update stops with its number (a NaN policy cannot sample)."""
+    cmd, _ = spec("grpo", files, model=nan_model)
+    proc = run_script(*cmd, "--output-dir", str(tmp_path / "stop"), check=False)
+    assert proc.returncode != 0 and "non-finite logits at update 0 (rollout)" in proc.stderr
