@@ -6,18 +6,26 @@ DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7) trains the p
 The family (`--loss-type`), each written out in `preference_loss`:
     sigmoid    DPO; with --label-smoothing eps, conservative DPO (Mitchell 2023): the label is wrong w.p. eps
     ipo        IPO (Azar et al. 2023, eq. 17): (Delta - 1/(2 beta))^2, a regression that does not saturate
-    hinge      SLiC (Zhao et al. 2023): max(0, 1 - beta * Delta)
+    hinge      the RSO hinge (Liu et al. 2023, "Statistical Rejection Sampling Improves Preference Optimization"):
+               max(0, 1 - beta * Delta), SLiC-HF's calibration loss (Zhao et al. 2023) on log-ratios to the
+               reference; SLiC-HF's own, max(0, delta - log pi(y_w|x) + log pi(y_l|x)), has no reference
     simpo      SimPO (Meng et al. 2024, eq. 6): no reference, length-normalised log-probs and a margin gamma
     rpo_sq, rpo_fwd_kl, rpo_bwd_kl   NeMo-Aligner's reward-aware preference optimisation: match beta * Delta
                to the data's reward gap Delta_r = eta (r_w - r_l) by a squared error or a KL between Bernoullis
-    kto        KTO (Ethayarajh et al. 2024): unpaired desirable/undesirable completions (`kto_loss`)
+    kto        KTO (Ethayarajh et al. 2024): unpaired desirable/undesirable completions (`kto_loss`), with the
+               paper's reference point z0, an estimate of KL(pi || pi_ref) on mismatched prompt/completion
+               pairs, over the whole global batch (`kto_reference_point`; one extra no-grad forward per step)
 `--sft-loss-weight` adds the length-normalised NLL of the chosen response (RPO, Pang et al. 2024); it is 1 by
 default, which the demo task needed (see the flag's help), and 0 gives plain DPO.
 
 Reference log-probs come from a frozen copy of the starting model (sharded like the policy), or, with
 `--precompute-ref-logprobs`, are computed once before training and cached in the output directory, so no
-reference model is held during training. Chosen and rejected go through one forward; log-probs through
-`kernels.selective_logprob`, summed over response tokens (averaged for simpo or with --average-logprobs).
+reference model is held during training. The cache is keyed by the reference's weights (a hash of their
+content, `common.models.weights_fingerprint`), the exact token ids and the settings that change the numbers,
+so a retrained reference at the same path is recomputed. Chosen and rejected go through one forward;
+log-probs through `kernels.selective_logprob`, summed over response tokens (averaged for simpo or with
+--average-logprobs). Dropout is off in every model (`common.models.disable_dropout`): the policy in train
+mode must give the reference's numbers at step 0.
 
 Run (no flags: from out/sft on the demo pairs, a few minutes on 2 CPU cores):
     python dpo.py
@@ -42,7 +50,7 @@ import tyro
 from common import checkpoint, data
 from common.dist import autocast, cleanup, init_distributed, seed_everything, wrap_model
 from common.generation import demo_eval
-from common.models import load_causal_lm, load_tokenizer
+from common.models import load_causal_lm, load_tokenizer, weights_fingerprint
 from common.tracking import make_tracker
 from common.training import Schedule, StopSignal, make_optimizer, make_scheduler, nonfinite_step, optimizer_step
 from kernels import selective_logprob
@@ -112,10 +120,13 @@ class Args:
 
     # --- method ---
     loss_type: LossType = "sigmoid"
-    """the preference loss (see the module docstring)"""
+    """the preference loss (see the module docstring): sigmoid (DPO), ipo, hinge (RSO: relu(1 - beta Delta), with
+    the reference), simpo, rpo_sq, rpo_fwd_kl, rpo_bwd_kl, kto"""
     beta: float = 0.3
     """strength of the KL regularisation (inverse temperature of the implicit reward); 0.1 is the paper's
-    value, 0.3 did better on the demo task (score 0.47 vs 0.41 at lr 5e-5, an earlier SFT model, no NLL term)"""
+    value, 0.3 did better on the demo task (score 0.47 vs 0.41 at lr 5e-5, an earlier SFT model, no NLL term).
+    ipo: Delta uses summed log-probs, as in the IPO paper; TRL averages them per token (--average-logprobs), so
+    the same beta is a different regularisation there"""
     label_smoothing: float = 0.0
     """sigmoid/simpo: probability that a preference label is flipped (conservative DPO)"""
     simpo_gamma: float = 0.5
@@ -126,6 +137,11 @@ class Args:
     """kto: weight lambda_D of desirable examples"""
     kto_undesirable_weight: float = 1.0
     """kto: weight lambda_U of undesirable examples"""
+    kto_reference_point: Literal["mismatched", "matched_batch_mean"] = "mismatched"
+    """kto: z0 = max(0, mean log pi/pi_ref) over mismatched prompt/completion pairs of the global batch (the
+    paper's KL estimate; one extra no-grad forward of policy and reference per step), or over each micro-batch's
+    own completions on each rank (cheaper, but not a KL estimate: the loss cannot saturate, and the value
+    depends on the micro-batch size and the number of ranks)"""
     sft_loss_weight: float = 1.0
     """add this x the length-normalised NLL of the chosen response (RPO, Pang et al. 2024; 0 = plain DPO). On
     the demo task plain DPO lowered the chosen answers' log-probs with the rejected ones and fell below its start
@@ -133,7 +149,8 @@ class Args:
     average_logprobs: bool = False
     """use per-token mean instead of summed response log-probs (always on for simpo)"""
     precompute_ref_logprobs: bool = False
-    """compute reference log-probs once before training, cache them in output_dir, hold no reference model"""
+    """compute reference log-probs once before training, cache them in output_dir (keyed by the reference's
+    weights, the token ids and the settings), hold no reference model"""
 
     # --- evaluation and logging ---
     log_every: int = 25
@@ -222,11 +239,15 @@ def kto_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """KTO per-example losses (B,), rewards beta * rho (B,), and the reference point z0 used.
 
-    rho = log pi(y|x) - log pi_ref(y|x); z0 = max(0, mean rho over the batch), detached (the paper estimates
-    KL(pi || pi_ref) with mismatched prompt/completion pairs; the batch mean of rho on the batch's own
-    completions is a cheaper estimate of the same quantity, at no extra forward).
+    rho = log pi(y|x) - log pi_ref(y|x) (Ethayarajh et al. 2024, eq. 8):
         desirable:    lambda_D (1 - sigmoid(beta (rho - z0)))
         undesirable:  lambda_U (1 - sigmoid(beta (z0 - rho)))
+    z0 (detached) is `reference_point` when given: the paper's estimate of KL(pi || pi_ref) from mismatched
+    prompt/completion pairs (`kto_reference_point`). Without it, z0 = max(0, mean rho over this batch's own
+    completions) (--kto-reference-point matched_batch_mean). That is a different quantity, not a cheaper
+    estimate of the same one: it follows the batch's own log-ratios, so a batch of only desirable examples
+    has rho - z0 centred at 0 and its loss stays near lambda_D / 2 however far rho rises; and it is taken per
+    micro-batch and per rank, so it changes with the micro-batch size and the number of ranks.
     """
     rho = policy_logps - ref_logps
     z0 = reference_point if reference_point is not None else rho.detach().mean().clamp(min=0)
@@ -271,67 +292,132 @@ def pair_logprobs(
     return logps[: len(items)], logps[len(items) :], lengths[: len(items)]
 
 
-def item_logprobs(model, items: list[dict], pad_id: int, device, average: bool, kto: bool):
-    """(B, 2) log-probs of (chosen, rejected), or (B, 1) of the completion for KTO."""
+def item_logprobs(model, items: list[dict], pad_id: int, device, average: bool, kto: bool, mismatched: bool = False):
+    """(B, 2) log-probs of (chosen, rejected); for KTO (B, 1) of the completion, or with `mismatched` (B, 2) of
+    (completion, the item's mismatched completion `mismatched_ids`), in one forward."""
     if kto:
-        logps, _ = sequence_logprobs(
-            model, [e["prompt_ids"] for e in items], [e["completion_ids"] for e in items], pad_id, device, average
-        )
-        return logps[:, None]
+        prompts, responses = [e["prompt_ids"] for e in items], [e["completion_ids"] for e in items]
+        if mismatched:
+            prompts, responses = prompts * 2, responses + [e["mismatched_ids"] for e in items]
+        logps, _ = sequence_logprobs(model, prompts, responses, pad_id, device, average)
+        return logps.view(-1, len(items)).T  # (B, 1 or 2)
     chosen, rejected, _ = pair_logprobs(model, items, pad_id, device, average)
     return torch.stack([chosen, rejected], dim=-1)
 
 
+def mismatched_completions(items: list[dict], max_seq_len: int) -> list[list[int]]:
+    """For KTO's reference point: item i's prompt gets another item's completion (truncated to fit).
+
+    The partners form one random cycle through the items, from a fixed seed: order = randperm(N), the item at
+    order[k] gets the completion at order[(k + 1) mod N]. So no item gets its own completion, and the pairing is
+    the same for every run, rank, step and batch size: the reference's log-probs of the mismatched pairs can be
+    precomputed with the rest. Random partners rather than neighbours (TRL shifts the completions by one within
+    each batch of the data file): KTO data made from preference pairs lists a prompt's desirable and undesirable
+    completions one after the other, and a neighbour would often have the same prompt.
+    """
+    n = len(items)
+    if n == 1:
+        raise ValueError("KTO's mismatched reference point needs at least 2 examples (one has no other completion)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    partner = [0] * n
+    for k, i in enumerate(order):
+        partner[i] = order[(k + 1) % n]
+    return [items[j]["completion_ids"][: max_seq_len - len(items[i]["prompt_ids"])] for i, j in enumerate(partner)]
+
+
+@torch.no_grad()
+def mismatched_logratios(model, ref_model, items: list[dict], ref_logps, args: Args, dist, pad_id: int, average: bool):
+    """log pi/pi_ref (B,) of this rank's items' mismatched pairs: the policy now, the reference from `ref_logps`
+    (B,) when precomputed, else from `ref_model`."""
+    out = []
+    for k, mb in enumerate(data.micro_batches(items, args.local_micro_batch_size)):
+        prompts, responses = [e["prompt_ids"] for e in mb], [e["mismatched_ids"] for e in mb]
+        with autocast(dist):
+            pol = sequence_logprobs(model, prompts, responses, pad_id, dist.device, average)[0].float()
+            if ref_logps is not None:
+                start = k * args.local_micro_batch_size
+                ref = ref_logps[start : start + len(mb)].to(dist.device)
+            else:
+                ref = sequence_logprobs(ref_model, prompts, responses, pad_id, dist.device, average)[0].float()
+        out.append(pol - ref)
+    return torch.cat(out) if out else torch.zeros(0, device=dist.device)
+
+
+def kto_reference_point(mismatched_rho: torch.Tensor, dist) -> torch.Tensor:
+    """KTO's z0 (Ethayarajh et al. 2024, sec. 4.2) = max(0, mean of log pi/pi_ref over the mismatched pairs of
+    the whole global batch), detached: each rank passes its own pairs' log-ratios (B,), the sum and the count
+    are all-reduced, so every rank, micro-batch and world size gets the same z0."""
+    rho = mismatched_rho.detach().double()
+    total = dist.all_reduce(torch.stack([rho.sum(), rho.new_tensor(len(rho))]))  # (sum, count)
+    return (total[0] / total[1].clamp(min=1)).clamp(min=0).float()
+
+
 @torch.no_grad()
 def reference_logprobs(ref_model, items: list[dict], args: Args, dist, pad_id: int, kto: bool) -> torch.Tensor:
-    """Reference log-probs of every item (N, 2 or 1), computed sharded and gathered on every rank."""
+    """Reference log-probs of every item (N, 2 or 1), computed sharded and gathered on every rank.
+
+    KTO: (N, 1) of the completion, or (N, 2) with the mismatched pair's (--kto-reference-point mismatched).
+    """
+    mismatched = kto and args.kto_reference_point == "mismatched"
     n = len(items)
     padded = items + items[: (-n) % dist.world_size]  # equal shards; the duplicates are dropped after gathering
     local = dist.shard(padded)
     out = []
     for mb in data.micro_batches(local, args.local_micro_batch_size):
         with autocast(dist):
-            out.append(item_logprobs(ref_model, mb, pad_id, dist.device, args.average_logprobs, kto).float().cpu())
+            logps = item_logprobs(ref_model, mb, pad_id, dist.device, args.average_logprobs, kto, mismatched)
+            out.append(logps.float().cpu())
     gathered = dist.all_gather_object(torch.cat(out))
     return torch.cat(gathered)[:n]
 
 
-def cached_reference(path: Path, key: str, dist, compute) -> torch.Tensor:
-    """Reference log-probs from `path` when it was computed for the same `key`, else computed and saved.
+def cached_reference(path: Path, key: str, dist, compute) -> tuple[torch.Tensor, bool]:
+    """Reference log-probs from `path` when it was computed for the same `key`, else computed and saved; and
+    whether they came from the cache.
 
-    `key` hashes what the numbers depend on (reference model, data, lengths); a stale cache is recomputed.
+    `key` hashes what the numbers depend on (the reference's weights, data, lengths, settings); a stale cache
+    is recomputed.
     """
     saved = torch.load(path, weights_only=False) if path.exists() else None
     if dist.broadcast_object(saved is not None and saved["key"] == key):  # every rank takes the same branch
-        return saved["logps"]
+        return saved["logps"], True
     logps = compute()  # collective: every rank computes its shard, all receive the whole
     if dist.is_main:
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"key": key, "logps": logps}, tmp)
         tmp.replace(path)
-    return logps
+    return logps, False
 
 
 @torch.no_grad()
 def evaluate(model, items: list[dict], ref_logps: torch.Tensor, args: Args, dist, pad_id: int, kto: bool) -> dict:
-    """Held-out preference metrics: eval/rewards/{chosen,rejected,accuracies,margins}, eval/loss."""
+    """Held-out preference metrics: eval/rewards/{chosen,rejected,accuracies,margins}, eval/loss.
+
+    KTO: the loss with the training's weights and reference point; the mismatched z0 is taken over the whole
+    held-out set (eval/kto_reference_point)."""
     model.eval()
+    average = args.average_logprobs or args.loss_type == "simpo"
     n = len(items) - len(items) % dist.world_size
     per_rank = n // dist.world_size
     local, local_ref = dist.shard(items[:n]), ref_logps[dist.rank * per_rank : (dist.rank + 1) * per_rank]
-    total = torch.zeros(6, dtype=torch.float64, device=dist.device)
+    z0 = None
+    if kto and args.kto_reference_point == "mismatched":
+        rho = mismatched_logratios(model, None, local, local_ref[:, 1], args, dist, pad_id, average)
+        z0 = kto_reference_point(rho, dist)
+    total = torch.zeros(7, dtype=torch.float64, device=dist.device)
     for k, mb in enumerate(data.micro_batches(local, args.local_micro_batch_size)):
         ref = local_ref[k * args.local_micro_batch_size : k * args.local_micro_batch_size + len(mb)].to(dist.device)
         with autocast(dist):
-            pol = item_logprobs(
-                model, mb, pad_id, dist.device, args.average_logprobs or args.loss_type == "simpo", kto
-            ).float()
+            pol = item_logprobs(model, mb, pad_id, dist.device, average, kto).float()
         if kto:
             desirable = torch.tensor([e["label"] for e in mb], device=dist.device)
-            losses, rewards, _ = kto_loss(pol[:, 0], ref[:, 0], desirable, args.beta)
+            losses, rewards, used_z0 = kto_loss(pol[:, 0], ref[:, 0], desirable, args.beta, args.kto_desirable_weight,
+                                                args.kto_undesirable_weight, z0)  # fmt: skip
             rc, rr = rewards[desirable], rewards[~desirable]
             total += torch.tensor(
-                [losses.sum(), rc.sum(), rr.sum(), len(rc), len(rr), len(mb)], dtype=torch.float64, device=dist.device
+                [losses.sum(), rc.sum(), rr.sum(), len(rc), len(rr), len(mb), used_z0 * len(mb)],
+                dtype=torch.float64,
+                device=dist.device,
             )
             continue
         data_r = [
@@ -348,13 +434,15 @@ def evaluate(model, items: list[dict], ref_logps: torch.Tensor, args: Args, dist
                 (rc > rr).sum(),
                 (rc - rr).sum(),
                 torch.tensor(len(mb), device=dist.device),
+                torch.zeros((), device=dist.device),
             ]
         ).double()
     dist.all_reduce(total)
     model.train()
     if kto:
         return {"eval/loss": total[0].item() / total[5].item(), "eval/rewards/chosen": total[1].item() / max(total[3].item(), 1),
-                "eval/rewards/rejected": total[2].item() / max(total[4].item(), 1)}  # fmt: skip
+                "eval/rewards/rejected": total[2].item() / max(total[4].item(), 1),
+                "eval/kto_reference_point": total[6].item() / total[5].item()}  # fmt: skip
     count = total[5].item()
     return {
         "eval/loss": total[0].item() / count,
@@ -371,6 +459,7 @@ if __name__ == "__main__":
     seed_everything(args.seed)
     stop = StopSignal()
     kto = args.loss_type == "kto"
+    mismatched = kto and args.kto_reference_point == "mismatched"  # KTO's z0 from mismatched pairs (the paper's)
     average = args.average_logprobs or args.loss_type == "simpo"
     uses_ref = args.loss_type != "simpo"
 
@@ -409,22 +498,39 @@ if __name__ == "__main__":
 
     train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
     evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
+    if mismatched:  # each row's prompt with another row's completion, fixed for the run (precomputable)
+        for records in (train.records, evals.records):
+            for e, other in zip(records, mismatched_completions(records, args.max_seq_len)):
+                e["mismatched_ids"] = other
 
     # 3. reference log-probs: precomputed once (cached on disk) or per batch from the frozen reference
-    width = 1 if kto else 2
+    width = 2 if mismatched or not kto else 1
+    ref_source = f"computed per batch by {ref_path}"
     if not uses_ref:
         train_ref, eval_ref = torch.zeros(len(train.records), width), torch.zeros(len(evals.records), width)
+        ref_source = "none (simpo)"
     elif args.precompute_ref_logprobs:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        # the numbers depend on the reference and on the exact token ids, so the key hashes exactly those
+        # The key hashes what the numbers depend on: the reference's weights (their content: a retrain into the
+        # same directory keeps the path and the file sizes), the exact token ids (data, template, truncation,
+        # KTO's mismatched pairs), summed vs mean log-probs, the compute precision (bf16 autocast / FSDP mixed
+        # precision on CUDA) and the attention kernel.
         fields = ("prompt_ids", "completion_ids") if kto else ("prompt_ids", "chosen_ids", "rejected_ids")
+        fields += ("mismatched_ids",) if mismatched else ()
         tokens = [[e[f] for f in fields] for e in train.records + evals.records]
-        key = hashlib.sha256(json.dumps([ref_path, average, tokens]).encode()).hexdigest()
+        weights = dist.broadcast_object(weights_fingerprint(ref_path) if dist.is_main else None)
+        precision = "bfloat16" if dist.device.type == "cuda" else "float32"
+        settings = {"weights": weights, "average": args.average_logprobs, "precision": precision,
+                    "attn_implementation": args.attn_implementation}  # fmt: skip
+        key = hashlib.sha256(json.dumps([settings, tokens]).encode()).hexdigest()
         cache = Path(args.output_dir) / "ref_logprobs.pt"
-        both = cached_reference(cache, key, dist, lambda: reference_logprobs(
+        both, cached = cached_reference(cache, key, dist, lambda: reference_logprobs(
             ref_model, train.records + evals.records, args, dist, tokenizer.pad_token_id, kto))  # fmt: skip
         train_ref, eval_ref = both[: len(train.records)], both[len(train.records) :]
         ref_model = None  # not held during training
+        ref_source = (
+            f"{'cached' if cached else 'computed'} ({cache}, key {key[:12]}, {ref_path} weights {weights[:12]})"
+        )
     else:
         eval_ref = reference_logprobs(ref_model, evals.records, args, dist, tokenizer.pad_token_id, kto)
 
@@ -446,6 +552,7 @@ if __name__ == "__main__":
         f"reference={'none (simpo)' if not uses_ref else 'precomputed' if args.precompute_ref_logprobs else ref_path} "
         f"start_step={start_step}"
     )
+    tracker.print(f"reference log-probs: {ref_source}")
     for err in (parsed.errors + train.errors)[:5]:
         tracker.print(f"skipped: {err}")
 
@@ -468,9 +575,14 @@ if __name__ == "__main__":
         idx = dist.shard(global_idx)
         local = [train.records[i] for i in idx]
         local_ref = train_ref[idx] if args.precompute_ref_logprobs or not uses_ref else None
+        z0 = None  # KTO's reference point for the whole step (--kto-reference-point mismatched)
+        if mismatched:
+            rho = mismatched_logratios(model, ref_model, local, local_ref[:, 1] if local_ref is not None else None,
+                                       args, dist, tokenizer.pad_token_id, average)  # fmt: skip
+            z0 = kto_reference_point(rho, dist)
         # metrics summed over pairs: loss, rewards/chosen, rewards/rejected, accuracies, margins, logps/chosen,
-        # logps/rejected, sft nll
-        stats = torch.zeros(8, dtype=torch.float64, device=dist.device)
+        # logps/rejected, sft nll, KTO's reference point
+        stats = torch.zeros(9, dtype=torch.float64, device=dist.device)
         micro = data.micro_batches(list(range(len(local))), args.local_micro_batch_size)
         for k, mb_idx in enumerate(micro):
             mb = [local[i] for i in mb_idx]
@@ -486,12 +598,15 @@ if __name__ == "__main__":
                     logps, _ = sequence_logprobs(model, [e["prompt_ids"] for e in mb], [e["completion_ids"] for e in mb],
                                                  tokenizer.pad_token_id, dist.device, average)  # fmt: skip
                     desirable = torch.tensor([e["label"] for e in mb], device=dist.device)
-                    losses, rewards, _ = kto_loss(logps.float(), ref[:, 0], desirable, args.beta,
-                                                  args.kto_desirable_weight, args.kto_undesirable_weight)  # fmt: skip
+                    losses, rewards, used_z0 = kto_loss(
+                        logps.float(), ref[:, 0], desirable, args.beta,
+                        args.kto_desirable_weight, args.kto_undesirable_weight, z0,
+                    )  # fmt: skip
                     chosen_rewards, rejected_rewards = rewards[desirable], rewards[~desirable]
                     chosen_logps, rejected_logps = logps[desirable].detach(), logps[~desirable].detach()
                     nll = torch.zeros((), device=dist.device)
                 else:
+                    used_z0 = torch.zeros((), device=dist.device)
                     chosen_logps, rejected_logps, chosen_len = pair_logprobs(
                         model, mb, tokenizer.pad_token_id, dist.device, average
                     )
@@ -511,7 +626,7 @@ if __name__ == "__main__":
                 losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
                 (chosen_rewards > rejected_rewards).sum() if not kto else torch.zeros((), device=dist.device),
                 (chosen_rewards - rejected_rewards).sum() if not kto else torch.zeros((), device=dist.device),
-                chosen_logps.detach().sum(), rejected_logps.detach().sum(), nll.detach(),
+                chosen_logps.detach().sum(), rejected_logps.detach().sum(), nll.detach(), used_z0 * len(mb),
             ]).double()  # fmt: skip
             seqs += len(mb) * (1 if kto else 2)
         if nonfinite_step(stats[0], step, dist, args.skip_nonfinite):
@@ -534,6 +649,7 @@ if __name__ == "__main__":
                 "logps/chosen": s[5],
                 "logps/rejected": s[6],
                 "train/sft_nll": s[7],
+                "train/kto_reference_point": s[8],
                 "train/grad_norm": grad_norm,
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/skipped_steps": skipped_steps,
@@ -542,6 +658,8 @@ if __name__ == "__main__":
             if kto:  # rewards of desirable / undesirable examples; accuracies and margins do not apply
                 for key in ("rewards/accuracies", "rewards/margins", "train/sft_nll"):
                     metrics.pop(key)
+            else:
+                metrics.pop("train/kto_reference_point")
             if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
                 metrics |= evaluate(model, evals.records, eval_ref, args, dist, tokenizer.pad_token_id, kto)
             tracker.log(metrics, step + 1, echo=False)

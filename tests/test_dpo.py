@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
 
 import dpo
 from common import demo_task
+from common.dist import Dist
 from conftest import run_script
+
+CPU = torch.device("cpu")
+ONE_PROCESS = Dist(rank=0, world_size=1, local_rank=0, device=CPU)
 
 # policy chosen/rejected = -1/-3, reference = -2/-2: rho_c = 1, rho_r = -1, Delta = 2.
 POL_C, POL_R, REF_C, REF_R = (torch.tensor([v]) for v in (-1.0, -3.0, -2.0, -2.0))
@@ -78,7 +84,82 @@ def test_kto_by_hand():
     assert losses.tolist() == pytest.approx([0.3775407, 2 * 0.3775407], abs=1e-6)
     assert rewards.tolist() == pytest.approx([0.5, -0.5])
     _, _, z0 = dpo.kto_loss(torch.tensor([0.0, 0.0]), torch.tensor([-2.0, -1.0]), torch.tensor([True, False]), 0.5)
-    assert z0.item() == pytest.approx(1.5)  # the reference point is the batch's mean log-ratio when positive
+    assert z0.item() == pytest.approx(1.5)  # matched_batch_mean: the batch's own mean log-ratio when positive
+
+
+class RankZeroOfTwo:
+    """Rank 0 of a 2-process run whose rank 1 holds `other`: all_reduce adds it (a sum all-reduce)."""
+
+    device = CPU
+
+    def __init__(self, other: torch.Tensor):
+        self.other = other
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.add_(self.other)
+
+
+def test_kto_mismatched_reference_point_by_hand():
+    """z0 = max(0, mean of log pi/pi_ref over the mismatched pairs of the GLOBAL batch).
+    One process, mismatched log-ratios (1, -3): mean -1 -> z0 = 0; (2, 1): z0 = 1.5.
+    Two ranks, rank 0 holding (1, -3) and rank 1 holding (4): (1 - 3 + 4) / 3 = 2/3 on both ranks (rank 0's own
+    mean would give 0).
+    With z0 = 2/3, beta = 0.5 and matched rho = +1 (desirable), -1 (undesirable):
+        desirable    1 - sigmoid(0.5 (1 - 2/3)) = 1 - sigmoid(1/6) = 0.4584295
+        undesirable  1 - sigmoid(0.5 (2/3 + 1)) = 1 - sigmoid(5/6) = 0.3029407"""
+    assert dpo.kto_reference_point(torch.tensor([1.0, -3.0]), ONE_PROCESS).item() == 0.0
+    assert dpo.kto_reference_point(torch.tensor([2.0, 1.0]), ONE_PROCESS).item() == pytest.approx(1.5)
+    rank1 = torch.tensor([4.0, 1.0], dtype=torch.float64)  # rank 1's (sum, count)
+    z0 = dpo.kto_reference_point(torch.tensor([1.0, -3.0]), RankZeroOfTwo(rank1))
+    assert z0.item() == pytest.approx(2 / 3)
+    losses, _, used = dpo.kto_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), torch.tensor([True, False]),
+                                   0.5, reference_point=z0)  # fmt: skip
+    assert used is z0 and losses.tolist() == pytest.approx([0.4584295, 0.3029407], abs=1e-6)
+
+
+def test_kto_mismatched_pairs_are_one_fixed_cycle():
+    """Item i (prompt [i], completion [10 + i, 20 + i]) gets another item's completion; following the partners
+    from item 0 visits all 7 items before coming back (one cycle: no item keeps its own completion). The same
+    pairing every call; truncated to fit max_seq_len (prompt 1 token + 1 completion token at max_seq_len 2)."""
+    items = [{"prompt_ids": [i], "completion_ids": [10 + i, 20 + i]} for i in range(7)]
+    got = dpo.mismatched_completions(items, max_seq_len=128)
+    partner = [c[0] - 10 for c in got]
+    assert all(got[i] == items[j]["completion_ids"] for i, j in enumerate(partner))
+    seen, i = [], 0
+    while i not in seen:
+        seen.append(i)
+        i = partner[i]
+    assert sorted(seen) == list(range(7)) and i == 0
+    assert dpo.mismatched_completions(items, max_seq_len=128) == got
+    assert dpo.mismatched_completions(items, max_seq_len=2) == [c[:1] for c in got]
+    assert dpo.mismatched_completions([], 128) == []
+    with pytest.raises(ValueError, match="needs at least 2 examples"):
+        dpo.mismatched_completions(items[:1], 128)
+
+
+@pytest.mark.parametrize("reference_point", ["mismatched", "matched_batch_mean"])
+def test_kto_eval_loss_uses_the_example_weights(demo_base, tokenizer, reference_point):
+    """The policy is the reference, so rho = 0 and z0 = 0 and every loss is lambda (1 - sigmoid(0)) = lambda / 2:
+    2 desirable (lambda_D = 1) and 2 undesirable (lambda_U = 3) rows give (2 x 0.5 + 2 x 1.5) / 4 = 1.0
+    (0.5 if the weights were ignored)."""
+    from common.models import load_causal_lm
+
+    model = load_causal_lm(str(demo_base), CPU)
+    items = [
+        {"prompt_ids": [1, 4, 40, 5], "completion_ids": [50, 51, 2], "label": True},
+        {"prompt_ids": [1, 4, 41, 42, 5], "completion_ids": [60, 2], "label": False},
+        {"prompt_ids": [1, 4, 43, 5], "completion_ids": [52, 53, 54, 2], "label": True},
+        {"prompt_ids": [1, 4, 44, 45, 46, 5], "completion_ids": [61, 62, 2], "label": False},
+    ]
+    for e, other in zip(items, dpo.mismatched_completions(items, 128)):
+        e["mismatched_ids"] = other
+    args = dpo.Args(loss_type="kto", kto_reference_point=reference_point, kto_desirable_weight=1.0,
+                    kto_undesirable_weight=3.0, local_micro_batch_size=2)  # fmt: skip
+    ref = dpo.reference_logprobs(model, items, args, ONE_PROCESS, tokenizer.pad_token_id, kto=True)
+    assert ref.shape == (4, 2 if reference_point == "mismatched" else 1)
+    metrics = dpo.evaluate(model, items, ref, args, ONE_PROCESS, tokenizer.pad_token_id, kto=True)
+    assert metrics["eval/loss"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["eval/kto_reference_point"] == pytest.approx(0.0, abs=1e-5)
 
 
 def test_unknown_loss_type():
@@ -180,6 +261,36 @@ def test_precomputed_reference_equals_on_the_fly(demo_base, pref_data, tmp_path)
     assert losses(tmp_path / "pre")[0] == pytest.approx(0.693147, abs=1e-4)  # recomputed: policy == reference again
 
 
+def test_precomputed_reference_follows_the_weights(demo_base, pref_data, tmp_path):
+    """The cache key hashes the reference's weights: an unchanged reference reuses the cache; the same directory
+    retrained (one tensor changed; same path, same file size, same mtime) is recomputed."""
+    from transformers import AutoModelForCausalLM
+
+    ref = tmp_path / "ref"
+    shutil.copytree(demo_base, ref)
+    out = tmp_path / "out"
+    args = ["--model-path", str(demo_base), "--ref-model-path", str(ref), "--data", str(pref_data["pairs"]), *COMMON,
+            "--total-steps", "1", "--sft-loss-weight", "0", "--output-dir", str(out), "--precompute-ref-logprobs"]  # fmt: skip
+    assert "reference log-probs: computed" in run_script("dpo.py", *args).stdout
+    first = torch.load(out / "ref_logprobs.pt", weights_only=False)
+    assert "reference log-probs: cached" in run_script("dpo.py", *args).stdout
+    assert torch.load(out / "ref_logprobs.pt", weights_only=False)["key"] == first["key"]
+
+    weights = ref / "model.safetensors"
+    before = weights.stat()
+    model = AutoModelForCausalLM.from_pretrained(ref)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    model.save_pretrained(ref)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_size == before.st_size and weights.stat().st_mtime_ns == before.st_mtime_ns
+
+    assert "reference log-probs: computed" in run_script("dpo.py", *args).stdout
+    second = torch.load(out / "ref_logprobs.pt", weights_only=False)
+    assert second["key"] != first["key"]
+    assert second["logps"].shape == first["logps"].shape and (second["logps"] - first["logps"]).abs().max() > 0.1
+
+
 def test_sft_loss_weight_adds_the_chosen_nll(demo_base, pref_data, tmp_path):
     """At the first step the policy is the reference, so the preference loss is log 2 and the logged loss is
     log 2 + w x train/sft_nll (the chosen responses' mean per-token NLL, itself well above 0 for this model)."""
@@ -221,3 +332,21 @@ def test_rpo_without_rewards_and_malformed_rows(demo_base, tmp_path):
     proc = run_script("dpo.py", "--model-path", str(demo_base), "--data", str(kto_bad), "--output-dir", str(tmp_path / "o"),
                       "--loss-type", "kto", *COMMON, check=False)  # fmt: skip
     assert proc.returncode != 0 and f"{kto_bad}: row 1, field 'label': expected true/false, got str" in proc.stderr
+
+
+def test_kto_torchrun_two_processes_match_one(demo_base, pref_data, tmp_path):
+    """KTO's reference point is taken over the global batch, so 2 ranks x 8 rows (reference log-probs precomputed,
+    mismatched pairs included) reproduce 1 rank x 16 (reference model live). lr 1e-3 moves the policy enough in
+    one step for z0 to be positive at step 2; the per-micro-batch matched estimate differs here by 6e-5 at step 2."""
+    args = ["--model-path", str(demo_base), "--data", str(pref_data["kto"]), "--loss-type", "kto", *COMMON,
+            "--learning-rate", "1e-3"]  # fmt: skip
+    run_script("dpo.py", *args, "--output-dir", str(tmp_path / "one"), "--local-micro-batch-size", "16")
+    run_script("dpo.py", *args, "--output-dir", str(tmp_path / "two"), "--local-micro-batch-size", "8",
+               "--precompute-ref-logprobs", nproc=2)  # fmt: skip
+    one, two = (
+        [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")
+    )
+    for key in ("train/loss", "train/kto_reference_point", "eval/loss", "eval/kto_reference_point"):
+        a, b = [r[key] for r in one if key in r], [r[key] for r in two if key in r]
+        assert len(a) == len(b) > 0 and b == pytest.approx(a, rel=1e-5, abs=1e-6), key
+    assert max(r["train/kto_reference_point"] for r in one if "train/loss" in r) > 1.0  # z0 was exercised

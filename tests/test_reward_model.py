@@ -64,7 +64,8 @@ def test_score_is_invariant_to_padding_amount_and_side(demo_base, tokenizer):
     )
     with torch.no_grad():
         alone = rewards.score_sequences(model, [seq], pad, torch.device("cpu"))[0, 0]
-        right = rewards.score_sequences(model, [seq, longer], pad, torch.device("cpu"))[0, 0]  # right-padded next to a longer one
+        # right-padded next to a longer one
+        right = rewards.score_sequences(model, [seq, longer], pad, torch.device("cpu"))[0, 0]
         left = data.collate(
             [{"input_ids": seq, "labels": seq}, {"input_ids": longer, "labels": longer}], pad, side="left"
         )
