@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline on the built-in demo task (behind `make demo`): SFT -> reward model -> PPO, DPO, SPIN,
+# The whole pipeline on the built-in demo task (behind `make demo`): SFT -> reward model -> PPO, GRPO (demo grader;
+# reward model), DPO, SPIN,
 # SteerLM, then one table grading every model the same way (examples/results.py). Every stage uses its
 # defaults, which point at the demo task and at the previous stage's output; seeds are fixed.
 # Run from the repository root with the project's Python on PATH (`make demo` does both).
@@ -27,6 +28,8 @@ PY
 stage sft python sft.py
 stage reward_model python reward_model.py
 stage ppo python ppo.py --eval-every 32
+stage grpo python grpo.py --eval-every 32
+stage grpo_rm python grpo.py --reward-model-path out/reward_model --output-dir out/grpo_rm
 stage dpo python dpo.py
 stage spin python spin.py
 stage steerlm python steerlm.py

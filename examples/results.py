@@ -33,6 +33,8 @@ STAGES = [
     ("base (untrained)", "out/demo/base", {}),
     ("SFT", "out/sft", {}),
     ("PPO", "out/ppo", {}),
+    ("GRPO (demo grader reward)", "out/grpo", {}),
+    ("GRPO (reward-model reward)", "out/grpo_rm", {}),
     ("DPO", "out/dpo", {}),
     ("SPIN", "out/spin", {}),
     (
@@ -95,7 +97,7 @@ def plot(out: Path) -> Path | None:
         rows = [r for r in rows if isinstance(r.get(key), (int, float))]
         return [r["step"] for r in rows], [r[key] for r in rows]
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(3, 3, figsize=(15, 12))
     panels = [
         ("sft", "train/loss", "SFT: train loss"),
         ("reward_model", "eval/accuracy", "Reward model: held-out pairwise accuracy"),
@@ -103,12 +105,15 @@ def plot(out: Path) -> Path | None:
         ("ppo", "objective/kl", "PPO: KL to reference (nats/answer)"),
         ("ppo", "eval/score", "PPO: ground-truth score (held-out)"),
         ("dpo", "rewards/margins", "DPO: implicit reward margin"),
+        ("grpo", "reward/mean", "GRPO: demo-grader reward of the samples"),
+        ("grpo", "grpo/zero_std_groups", "GRPO: groups with no reward spread"),
+        ("grpo", "eval/score", "GRPO: ground-truth score (held-out)"),
     ]
     for ax, (stage, key, title) in zip(axes.flat, panels):
         x, y = series(stage, key)
         ax.plot(x, y, marker="." if len(x) < 30 else None)
         ax.set_title(title)
-        ax.set_xlabel("update" if stage == "ppo" else "step")
+        ax.set_xlabel("update" if stage in ("ppo", "grpo") else "step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = out / "results.png"
