@@ -331,3 +331,37 @@ def test_no_reward_outside_the_demo_is_an_error(grpo_files, tmp_path):
                       check=False)  # fmt: skip
     assert proc.returncode != 0
     assert "no reward: pass --reward-fn module:function and/or --reward-model-path" in proc.stderr
+
+
+def test_reward_model_and_function_combined(grpo_files, tmp_path):
+    """A reward function and a reward model (random head) together, weighted: both logged under their names, the
+    combined mean is the weighted sum of the two means (every sample gets both rewards)."""
+    from common.models import load_sequence_classifier, load_tokenizer
+
+    tok = load_tokenizer(grpo_files["base"])
+    rm = load_sequence_classifier(
+        grpo_files["base"], torch.device("cpu"), 1, pad_token_id=tok.pad_token_id, init_head=True
+    )
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    out = tmp_path / "combined"
+    proc = run_script("grpo.py", *small(grpo_files, "--total-episodes", "8", "--output-dir", str(out),
+                                        "--reward-model-path", str(tmp_path / "rm"), "--reward-weights", "1", "0.5"))  # fmt: skip
+    assert "rewards={'length': 1.0, 'reward_model': 0.5}" in proc.stdout
+    for r in updates(out):
+        assert r["reward/mean"] == pytest.approx(
+            r["reward/length"] + 0.5 * r["reward/reward_model"], rel=1e-4, abs=1e-5
+        )
+    bad = run_script("grpo.py", *small(grpo_files, "--total-episodes", "8", "--output-dir", str(tmp_path / "w"),
+                                       "--reward-weights", "1", "2"), check=False)  # fmt: skip
+    assert bad.returncode != 0 and "--reward-weights: 2 weights for 1 rewards ['length']" in bad.stderr
+
+
+def test_bad_prompt_row_names_file_row_and_field(grpo_files, tmp_path):
+    rows = [{"prompt": "What is 2 + 3?", "answer": "5"}, {"question": "What is 1 + 1?", "answer": "2"}]
+    path = demo_task.write_jsonl(rows, tmp_path / "bad.jsonl")
+    args = small(grpo_files, "--output-dir", str(tmp_path / "o"))
+    args[args.index("--data") + 1] = str(path)
+    proc = run_script("grpo.py", *args, check=False)
+    assert proc.returncode != 0
+    assert f"{path}: row 2, field 'prompt': missing" in proc.stderr
