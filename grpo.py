@@ -44,7 +44,6 @@ Run (no flags: policy out/sft, demo prompts, the demo task's grader as the rewar
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,7 +53,15 @@ from transformers import AutoConfig
 
 from common import checkpoint, data, rewards
 from common.dist import autocast, cleanup, exact_div, init_distributed, sampling_generator, seed_everything, wrap_model
-from common.generation import demo_eval, generate, never_sampled, paired_difference, sample_key
+from common.generation import (
+    clock,
+    demo_eval,
+    generate,
+    paired_difference,
+    response_logprobs,
+    sample_key,
+    truncate_after_eos,
+)
 from common.models import load_causal_lm, load_sequence_classifier, load_tokenizer
 from common.tracking import make_tracker
 from common.training import (
@@ -66,7 +73,7 @@ from common.training import (
     nonfinite_step,
     optimizer_step,
 )
-from kernels import kl_estimate, selective_logprob
+from kernels import kl_estimate
 
 Advantage = Literal["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
 LossAgg = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant"]
@@ -345,50 +352,10 @@ def aggregate(token_losses: torch.Tensor, mask: torch.Tensor, loss_agg: str, nor
     raise ValueError(f"unknown --loss-agg {loss_agg!r}")
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad everything after the first EOS (the EOS stays); returns (responses, mask of kept tokens) (B, T)."""
-    is_eos = responses == eos_id
-    after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
-    mask = ~after & (responses != pad_id)
-    return torch.where(mask, responses, torch.full_like(responses, pad_id)), mask
-
-
-def sequence_inputs(queries: torch.Tensor, responses: torch.Tensor, pad_id: int) -> dict:
-    """Model inputs for left-padded queries (B, P) followed by right-padded responses (B, T)."""
-    input_ids = torch.cat([queries, responses], dim=1)  # (B, P+T)
-    attention_mask = (input_ids != pad_id).long()
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": data.position_ids_from_mask(attention_mask),
-    }
-
-
-def response_logprobs(model, queries, responses, pad_id: int, temperature: float, with_entropy: bool = False):
-    """log pi(response token | prefix) at the sampling temperature (B, T), and the entropy (B, T) if asked.
-
-    Position P-1+t predicts response token t; padding gets log-prob 0. The LM head runs on those T positions only,
-    and the pad token is excluded from the softmax, as generation excluded it when sampling.
-    """
-    P, T = queries.shape[1], responses.shape[1]
-    positions = torch.arange(P - 1, P - 1 + T, device=queries.device)  # (T,)
-    logits = model(**sequence_inputs(queries, responses, pad_id), logits_to_keep=positions).logits  # (B, T, V)
-    logits = never_sampled(logits, pad_id)
-    labels = responses.masked_fill(responses == pad_id, data.IGNORE_INDEX)
-    return selective_logprob(logits, labels, temperature=temperature, return_entropy=with_entropy)
-
-
 def combine_rewards(per_source: torch.Tensor, weights: list[float]) -> torch.Tensor:
     """Weighted sum (B,) of rewards (B, S) from S sources; NaN (a function's None) counts as 0 for that source."""
     w = torch.tensor(weights, dtype=per_source.dtype, device=per_source.device)
     return (torch.nan_to_num(per_source, nan=0.0) * w).sum(-1)
-
-
-def clock(dist) -> float:
-    """Wall time after the device's queued work is done, so each phase is charged with its own kernels."""
-    if dist.device.type == "cuda":
-        torch.cuda.synchronize(dist.device)
-    return time.time()
 
 
 def evaluate(policy, tokenizer, dist, args: Args, per_prompt: bool = False) -> dict:

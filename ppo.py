@@ -28,7 +28,6 @@ Run (no flags: policy out/sft, reward model out/reward_model, demo prompts, < 10
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,7 +45,16 @@ from common.dist import (
     seed_everything,
     wrap_model,
 )
-from common.generation import demo_eval, generate, never_sampled, paired_difference, sample_key
+from common.generation import (
+    clock,
+    demo_eval,
+    generate,
+    paired_difference,
+    response_logprobs,
+    sample_key,
+    sequence_inputs,
+    truncate_after_eos,
+)
 from common.models import load_causal_lm, load_sequence_classifier, load_tokenizer
 from common.tracking import make_tracker
 from common.training import (
@@ -58,7 +66,7 @@ from common.training import (
     make_scheduler,
     nonfinite_step,
 )
-from kernels import kl_estimate, selective_logprob
+from kernels import kl_estimate
 
 
 @dataclass
@@ -206,14 +214,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, dist=No
     return out * mask
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad everything after the first EOS (the EOS stays); returns (responses, mask of kept tokens) (B, T)."""
-    is_eos = responses == eos_id
-    after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
-    mask = ~after & (responses != pad_id)
-    return torch.where(mask, responses, torch.full_like(responses, pad_id)), mask
-
-
 def penalize_missing_eos(
     scores: torch.Tensor, responses: torch.Tensor, eos_id: int, penalty: float | None
 ) -> torch.Tensor:
@@ -289,33 +289,6 @@ class FixedKLController:
         pass
 
 
-def sequence_inputs(queries: torch.Tensor, responses: torch.Tensor, pad_id: int) -> dict:
-    """Model inputs for left-padded queries (B, P) followed by right-padded responses (B, T)."""
-    input_ids = torch.cat([queries, responses], dim=1)  # (B, P+T)
-    attention_mask = (input_ids != pad_id).long()
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": data.position_ids_from_mask(attention_mask),
-    }
-
-
-def response_logprobs(model, queries, responses, pad_id: int, temperature: float, with_entropy: bool = False):
-    """log pi(response token | prefix) at the sampling temperature (B, T), and the entropy (B, T) if asked.
-
-    Position P-1+t of the sequence predicts response token t; padding gets log-prob 0. The LM head runs on
-    the T positions that predict response tokens only (`logits_to_keep` as positions): prompt-position logits
-    would be computed to be thrown away, and slicing the logits afterwards would cost a (B, T+1, V) zero-filled
-    gradient in backward.
-    """
-    P, T = queries.shape[1], responses.shape[1]
-    positions = torch.arange(P - 1, P - 1 + T, device=queries.device)  # (T,)
-    logits = model(**sequence_inputs(queries, responses, pad_id), logits_to_keep=positions).logits  # (B, T, V)
-    logits = never_sampled(logits, pad_id)  # the distribution generation sampled from (the pad token excluded)
-    labels = responses.masked_fill(responses == pad_id, data.IGNORE_INDEX)
-    return selective_logprob(logits, labels, temperature=temperature, return_entropy=with_entropy)
-
-
 def per_token_scores(model, queries, responses, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A sequence classifier's head output at every response position (B, T), and its pooled score (B,).
 
@@ -330,13 +303,6 @@ def per_token_scores(model, queries, responses, pad_id: int) -> tuple[torch.Tens
         handle.remove()
     values = captured["all"][:, queries.shape[1] - 1 : -1, 0]  # (B, T)
     return values.float(), pooled.float()
-
-
-def clock(dist) -> float:
-    """Wall time after the device's queued work is done, so each phase is charged with its own kernels."""
-    if dist.device.type == "cuda":
-        torch.cuda.synchronize(dist.device)
-    return time.time()
 
 
 def evaluate(policy, tokenizer, dist, args: Args, per_prompt: bool = False) -> dict:

@@ -1,4 +1,5 @@
-"""Batched generation with a KV cache: greedy or sampled (temperature, top-k, top-p), per-rank generators.
+"""Batched generation with a KV cache: greedy or sampled (temperature, top-k, top-p), per-rank generators; and the
+log-probs of sampled responses under the distribution they were sampled from (PPO, GRPO).
 
 A small loop over the model's forward rather than `model.generate`: it takes a torch.Generator (so sampling is
 reproducible and different per rank), keeps ranks in lock-step under FSDP, and has less per-token overhead,
@@ -8,11 +9,13 @@ which dominates for small models.
 from __future__ import annotations
 
 import inspect
+import time
 
 import torch
 
-from common.data import pad, position_ids_from_mask
+from common.data import IGNORE_INDEX, pad, position_ids_from_mask
 from common.dist import Dist, autocast, gathered_for_generation
+from kernels import selective_logprob
 
 
 def _cache_keyword(model) -> str:
@@ -174,6 +177,53 @@ def generate(
                 out.append(row[:cut])
     model.train(was_training)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring sampled responses (PPO, GRPO): the same inputs and log-probs as the tokens were sampled with
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad everything after the first EOS (the EOS stays); returns (responses, mask of kept tokens) (B, T)."""
+    is_eos = responses == eos_id
+    after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    mask = ~after & (responses != pad_id)
+    return torch.where(mask, responses, torch.full_like(responses, pad_id)), mask
+
+
+def sequence_inputs(queries: torch.Tensor, responses: torch.Tensor, pad_id: int) -> dict:
+    """Model inputs for left-padded queries (B, P) followed by right-padded responses (B, T)."""
+    input_ids = torch.cat([queries, responses], dim=1)  # (B, P+T)
+    attention_mask = (input_ids != pad_id).long()
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+    }
+
+
+def response_logprobs(model, queries, responses, pad_id: int, temperature: float, with_entropy: bool = False):
+    """log pi(response token | prefix) at the sampling temperature (B, T), and the entropy (B, T) if asked.
+
+    Position P-1+t of the sequence predicts response token t; padding gets log-prob 0. The LM head runs on
+    the T positions that predict response tokens only (`logits_to_keep` as positions): prompt-position logits
+    would be computed to be thrown away, and slicing the logits afterwards would cost a (B, T+1, V) zero-filled
+    gradient in backward.
+    """
+    P, T = queries.shape[1], responses.shape[1]
+    positions = torch.arange(P - 1, P - 1 + T, device=queries.device)  # (T,)
+    logits = model(**sequence_inputs(queries, responses, pad_id), logits_to_keep=positions).logits  # (B, T, V)
+    logits = never_sampled(logits, pad_id)  # the distribution generation sampled from (the pad token excluded)
+    labels = responses.masked_fill(responses == pad_id, IGNORE_INDEX)
+    return selective_logprob(logits, labels, temperature=temperature, return_entropy=with_entropy)
+
+
+def clock(dist) -> float:
+    """Wall time after the device's queued work is done, so each phase is charged with its own kernels."""
+    if dist.device.type == "cuda":
+        torch.cuda.synchronize(dist.device)
+    return time.time()
 
 
 def demo_eval(

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dpo
+import grpo
 import ppo
 import reward_model
 import sft
@@ -21,6 +22,8 @@ from common.dist import init_distributed
 from conftest import ROOT
 
 TWINS = [
+    (ppo.masked_mean, grpo.masked_mean),
+    (ppo.whiten, grpo.whiten),
     (dpo.sequence_logprobs, spin.sequence_logprobs),
     (dpo.pair_logprobs, spin.pair_logprobs),
     (sft.count_label_tokens, steerlm.count_label_tokens),
