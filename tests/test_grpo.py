@@ -229,7 +229,8 @@ def grpo_files(demo_base, tmp_path_factory):
 def small(f, *extra) -> list[str]:
     return ["--model-path", f["base"], "--data", f["prompts"], "--reward-fn", f"{f['rw']}:length",
             "--num-generations", "4", "--local-rollout-batch-size", "4", "--response-length", "8",
-            "--demo-eval-prompts", "0", "--sample-every", "0", "--save-every", "0", "--learning-rate", "1e-3", *extra]  # fmt: skip
+            "--demo-eval-prompts", "0", "--sample-every", "0", "--save-every", "0", "--learning-rate", "1e-3",
+            "--ppo-epochs", "1", "--num-minibatches", "1", *extra]  # fmt: skip
 
 
 def metrics(out) -> list[dict]:
