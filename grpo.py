@@ -697,7 +697,6 @@ if __name__ == "__main__":
                 "reward/mean": mean,
                 "reward/std": max(sums[1].item() / n - mean**2, 0.0) ** 0.5,
                 **{f"reward/{name}": sums[7 + s].item() / max(sums[7 + S + s].item(), 1) for s, name in enumerate(reward_names)},
-                "objective/kl": final_kl,
                 "objective/entropy": sums[3].item() / max(sums[4].item(), 1),
                 "grpo/loss": stats[0].item() / max(stats[4].item(), 1),
                 "grpo/clipfrac_low": stats[1].item() / max(stats[3].item(), 1),
@@ -716,6 +715,8 @@ if __name__ == "__main__":
                 "perf/time_train": t_train,
                 "episodes": (update + 1) * rollout_batch_size,
             }  # fmt: skip
+            if ref_policy is not None:  # (no reference, no KL: nothing is logged rather than a 0)
+                metrics["objective/kl"] = final_kl
             if dist.device.type == "cuda":
                 metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
             if args.eval_every and demo_eval_on and (update + 1) % args.eval_every == 0:
@@ -740,7 +741,7 @@ if __name__ == "__main__":
 
     # 6. final evaluation and export
     save(num_updates)
-    final = {"objective/kl": final_kl, "grpo/skipped_minibatches": skipped}
+    final = {"grpo/skipped_minibatches": skipped} | ({"objective/kl": final_kl} if ref_policy is not None else {})
     if demo_eval_on:
         result = evaluate(policy, tokenizer, dist, args, per_prompt=bool(initial_scores))
         tracker.table("eval samples", ["prompt", "response", "score"], result.pop("samples"), num_updates)
