@@ -784,7 +784,8 @@ def generate_stage(args: GenerateArgs, dist) -> list[dict]:
             raise ValueError(f"--attributes {args.attributes!r}: {e.args[0]}") from None
     else:
         requests = []
-        for i, row in enumerate(data.load_rows(args.prompts_file), 1):
+        prompt_rows = data.load_rows(args.prompts_file)
+        for i, row in zip(prompt_rows.line_numbers, prompt_rows):  # i: the file's line (blank lines are not rows)
             prompt = data.parse_prompt(row, args.prompts_file, i)["prompt"]
             where = data.where(args.prompts_file, i, "attributes")
             values = row.get("attributes") or {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,8 +44,11 @@ def where(source: str, row: int, fld: str | None = None) -> str:
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def _check_json_lines(path: str) -> None:
-    """Find the first unparseable line of a jsonl file (datasets' own error names no line)."""
+def _check_json_lines(path: str) -> list[int] | None:
+    """Find the first unparseable line of a jsonl file (datasets' own error names no line).
+
+    Returns the line number of each row: datasets skips blank lines, so the k-th row it returns is the k-th
+    non-blank line, not line k. None for a JSON array (its rows are numbered by position)."""
     with open(path) as f:
         first = f.read(1)
     if first == "[":
@@ -53,11 +57,13 @@ def _check_json_lines(path: str) -> None:
                 json.load(f)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        return
+        return None
+    line_numbers = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            line_numbers.append(lineno)
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
@@ -66,6 +72,7 @@ def _check_json_lines(path: str) -> None:
                 ) from None
             if not isinstance(value, dict):
                 raise DataError(f"{where(path, lineno)}: expected a JSON object, got {type(value).__name__}")
+    return line_numbers
 
 
 def _csv_text_features(path: Path):
@@ -78,8 +85,18 @@ def _csv_text_features(path: Path):
     return datasets.Features({name: datasets.Value("string") for name in header})
 
 
-def load_rows(spec: str, split: str = "train") -> list[dict]:
-    """Rows of a local file (jsonl/json/parquet/csv) or a `datasets` hub name, as a list of dicts.
+class Rows(list):
+    """The rows of a data file (a list of dicts) and `line_numbers`: the file row of each, 1-based, the line
+    of a jsonl file. `parse_rows` names these in its errors; a slice is a plain list (pass its numbers)."""
+
+    def __init__(self, rows: list[dict], line_numbers: list[int] | None = None):
+        super().__init__(rows)
+        self.line_numbers = list(line_numbers) if line_numbers is not None else list(range(1, len(rows) + 1))
+
+
+def load_rows(spec: str, split: str = "train") -> Rows:
+    """Rows of a local file (jsonl/json/parquet/csv) or a `datasets` hub name, as a list of dicts that knows
+    the file row of each (`Rows.line_numbers`: past blank lines of a jsonl file, the line; else the position).
 
     A local path may carry a split in the hub style, `path.jsonl:test` is not supported; pass separate files.
     """
@@ -87,11 +104,12 @@ def load_rows(spec: str, split: str = "train") -> list[dict]:
 
     datasets.disable_progress_bars()
     path = Path(spec)
+    line_numbers = None
     if path.suffix in _BUILDERS:
         if not path.exists():
             raise FileNotFoundError(f"{spec}: no such data file")
         if _BUILDERS[path.suffix] == "json":
-            _check_json_lines(spec)
+            line_numbers = _check_json_lines(spec)
         # CSV cells are read as text: a completion "3" must stay the string "3" (numbers are parsed per field)
         kwargs = {"features": _csv_text_features(path)} if path.suffix == ".csv" else {}
         try:
@@ -102,7 +120,14 @@ def load_rows(spec: str, split: str = "train") -> list[dict]:
         ds = datasets.load_dataset(str(path), split=split)
     else:
         ds = datasets.load_dataset(spec, split=split)
-    return ds.to_list()
+    rows = ds.to_list()
+    if line_numbers is not None and len(line_numbers) != len(rows):  # datasets read the lines differently
+        warnings.warn(
+            f"{spec}: {len(rows)} rows from {len(line_numbers)} non-blank lines; rows numbered by position",
+            stacklevel=2,
+        )
+        line_numbers = None
+    return Rows(rows, line_numbers)
 
 
 @dataclass
@@ -113,14 +138,17 @@ class Parsed:
 
 
 def parse_rows(
-    rows: list[dict], parse: Callable, source: str, skip_bad_rows: bool = False, first_row: int = 1
+    rows: list[dict], parse: Callable, source: str, skip_bad_rows: bool = False, line_numbers: list[int] | None = None
 ) -> Parsed:
     """Apply `parse(row, source, row_number)` to every row; stop at the first DataError unless skipping.
 
-    `first_row` is the file row of rows[0], so errors in a held-out tail still name the row of the file.
+    `line_numbers` are the file rows of `rows` (default: `rows.line_numbers` for what `load_rows` returned, else
+    1, 2, ...), so errors name the line of the file, also past blank lines and in a held-out tail.
     """
+    if line_numbers is None:
+        line_numbers = getattr(rows, "line_numbers", range(1, len(rows) + 1))
     out = Parsed([])
-    for i, row in enumerate(rows, first_row):
+    for i, row in zip(line_numbers, rows, strict=True):
         try:
             out.records.append(parse(row, source, i) | {"row": i})
         except DataError as e:
@@ -146,17 +174,13 @@ def load_train_eval(
             raise ValueError(f"--eval-size must be at least 1 (got {eval_size}), or pass --eval-data")
         if len(rows) <= eval_size:
             raise ValueError(f"{data_path}: {len(rows)} rows, not more than --eval-size {eval_size}")
-        train_rows, eval_rows, eval_source, eval_first = (
-            rows[:-eval_size],
-            rows[-eval_size:],
-            data_path,
-            len(rows) - eval_size + 1,
-        )
-    else:
-        train_rows, eval_rows, eval_source, eval_first = rows, load_rows(eval_data), eval_data, 1
-    train = parse_rows(train_rows, parse, data_path, skip_bad_rows)
-    held_out = parse_rows(eval_rows, parse, eval_source, skip_bad_rows, first_row=eval_first)
-    return train, held_out, eval_source
+        # the held-out tail keeps the row numbers of the file
+        train = parse_rows(rows[:-eval_size], parse, data_path, skip_bad_rows, rows.line_numbers[:-eval_size])
+        held_out = parse_rows(rows[-eval_size:], parse, data_path, skip_bad_rows, rows.line_numbers[-eval_size:])
+        return train, held_out, data_path
+    train = parse_rows(rows, parse, data_path, skip_bad_rows)
+    held_out = parse_rows(load_rows(eval_data), parse, eval_data, skip_bad_rows)
+    return train, held_out, eval_data
 
 
 # ---------------------------------------------------------------------------------------------------------------

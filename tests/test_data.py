@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -58,6 +59,55 @@ def test_load_rows_rejects_non_object_line(tmp_path):
 def test_load_rows_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such data file"):
         data.load_rows(str(tmp_path / "nope.jsonl"))
+
+
+# --- row numbers: the line of a jsonl file, also past blank lines (which datasets skips) and in a held-out tail ---
+
+GOOD = json.dumps({"prompt": "Add 2 and 2.", "completion": "4"})
+BAD = json.dumps({"prompt": "Add 2 and 2."})  # no completion
+
+
+def test_blank_lines_do_not_shift_row_numbers(tmp_path):
+    """Lines: 1 good, 2 blank, 3 spaces only, 4 good, 5 bad. The bad row is the 3rd row datasets returns, but
+    line 5 of the file, and the error must say 5."""
+    path = write(tmp_path, "blank.jsonl", [], raw="\n".join([GOOD, "", "   ", GOOD, BAD, GOOD]) + "\n")
+    rows = data.load_rows(str(path))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: row 5, field 'completion': missing$"):
+        data.parse_rows(rows, data.parse_sft, str(path))
+    assert len(rows) == 4 and rows.line_numbers == [1, 4, 5, 6]
+    parsed = data.parse_rows(rows, data.parse_sft, str(path), skip_bad_rows=True)
+    assert [r["row"] for r in parsed.records] == [1, 4, 6] and parsed.errors[0].startswith(f"{path}: row 5,")
+
+
+def test_held_out_tail_names_the_line_of_the_file(tmp_path):
+    """reward_model's --eval-size tail: 6 pairs with a blank line before each of the last 3 (lines 1-3, then 5, 7,
+    9); --eval-size 2 holds out lines 7 and 9, and the bad pair on line 9 is reported as row 9 (not 6, not 2)."""
+    good = json.dumps({"prompt": "Add 2 and 2.", "chosen": "4", "rejected": "5"})
+    bad = json.dumps({"prompt": "Add 2 and 2.", "chosen": "4"})
+    path = write(tmp_path, "pairs.jsonl", [], raw="\n".join([good, good, good, "", good, "", good, "", bad]) + "\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: row 9, field 'rejected': missing$"):
+        data.load_train_eval(str(path), None, 2, data.parse_preference, skip_bad_rows=False)
+    train, held_out, source = data.load_train_eval(str(path), None, 2, data.parse_preference, skip_bad_rows=True)
+    assert [r["row"] for r in train.records] == [1, 2, 3, 5] and [r["row"] for r in held_out.records] == [7]
+    assert source == str(path) and held_out.errors == [f"{path}: row 9, field 'rejected': missing"]
+    # a separate --eval-data file numbers its own lines
+    train_path = write(tmp_path, "train.jsonl", [], raw="\n".join([good, "", good]) + "\n")
+    eval_path = write(tmp_path, "eval.jsonl", [], raw="\n".join(["", good, "", bad]) + "\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(eval_path))}: row 4, field 'rejected': missing$"):
+        data.load_train_eval(str(train_path), str(eval_path), 2, data.parse_preference, skip_bad_rows=False)
+
+
+def test_script_names_the_line_after_blank_lines(demo_base, tmp_path):
+    """Through a script (reward_model.py reads its data before loading a model, so this run is short): blank
+    lines before a bad pair in the --eval-size tail; stderr names the file and the line."""
+    from conftest import run_script
+
+    good = json.dumps({"prompt": "Add 2 and 2.", "chosen": "4", "rejected": "5"})
+    lines = [good] * 20 + [""] * 3 + [good] * 6 + [json.dumps({"prompt": "Add 2 and 2.", "chosen": "4"})] + [good] * 2
+    path = write(tmp_path, "pairs.jsonl", [], raw="\n".join(lines) + "\n")  # the bad pair: the 27th, on line 30
+    proc = run_script("reward_model.py", "--model-path", str(demo_base), "--data", str(path), "--eval-size", "4",
+                      "--output-dir", str(tmp_path / "o"), check=False)  # fmt: skip
+    assert proc.returncode != 0 and f"{path}: row 30, field 'rejected': missing" in proc.stderr, proc.stderr[-2000:]
 
 
 # --- SFT ----------------------------------------------------------------------------------------------------------

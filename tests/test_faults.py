@@ -1,11 +1,13 @@
 """What every training script must survive (issue: "the fault tests every script must pass").
 
 For each of sft, reward_model, dpo, ppo, grpo, steerlm (train) and spin, on a tiny CPU run at a fixed seed:
-  - kill -9 in the middle of training, then `--resume`: the continued run logs the same losses as an
-    uninterrupted one (fp32; the losses after the last checkpoint are recomputed, not lost or doubled);
-  - SIGTERM: a checkpoint is written, the process says where and exits 0, and the model on disk loads;
+  - kill -9 once metrics are logged past the last checkpoint, then `--resume`: the continued run starts at the
+    checkpoint's step and logs the same losses as an uninterrupted one (fp32; the losses after the checkpoint are
+    recomputed, not lost or doubled); for PPO with --adaptive-kl also the KL coefficient;
+  - SIGTERM (and SIGINT, for sft): a checkpoint is written, the process says where and exits 0, the model on disk
+    loads, and `--resume` finishes with the uninterrupted run's losses;
   - a NaN loss (here: a model whose final norm is NaN) stops the run with an error naming the step, or, with
-    --skip-nonfinite, is skipped and counted.
+    --skip-nonfinite, is skipped and counted; a loss that turns NaN only at a later step is reported as that step.
 A kill in the middle of writing a checkpoint is covered in-process in tests/test_checkpoint.py, bad input per
 contract in tests/test_data.py and per script in each script's tests, and torchrun parity there too.
 """
@@ -13,6 +15,8 @@ contract in tests/test_data.py and per script in each script's tests, and torchr
 from __future__ import annotations
 
 import json
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +25,8 @@ import time
 import pytest
 import torch
 
-from common import demo_task
+from common import data, demo_task
+from common.checkpoint import find_trainer_state
 from conftest import ROOT, run_script, script_env
 
 pytestmark = pytest.mark.slow
@@ -52,12 +57,16 @@ def files(demo_base, tmp_path_factory):
 
 
 STEP_FLAGS = ["--log-every", "1", "--eval-every", "0", "--warmup-steps", "2"]
-SUPERVISED = ["--total-steps", "10", "--eval-size", "32", "--local-micro-batch-size", "8", *STEP_FLAGS]
+SUPERVISED = ["--eval-size", "32", "--local-micro-batch-size", "8", *STEP_FLAGS]
 
 
-def spec(name: str, f: dict, model: str | None = None) -> tuple[list[str], str]:
-    """(command line, the metric compared across runs) of a tiny run of each script."""
+def spec(name: str, f: dict, model: str | None = None) -> tuple[list[str], tuple[str, ...]]:
+    """(command line, the metrics compared across runs) of a tiny run of each script: 10 steps or updates, 20 for
+    sft, whose steps are the fastest (~50 ms on a busy CPU): a signal sent after step 1 must land before the end."""
     model = model or f["base"]
+    if name == "ppo_adaptive_kl":  # the controller's coefficient moves every update and must be restored on resume
+        cmd, keys = spec("ppo", f, model)
+        return [*cmd, "--adaptive-kl", "--kl-horizon", "200"], (*keys, "objective/kl_coef")
     if name == "sft":
         return [
             "sft.py",
@@ -67,10 +76,13 @@ def spec(name: str, f: dict, model: str | None = None) -> tuple[list[str], str]:
             f["sft"],
             "--demo-eval-prompts",
             "0",
+            "--total-steps",
+            "20",
             *SUPERVISED,
-        ], "train/loss"
+        ], ("train/loss",)
     if name == "reward_model":
-        return ["reward_model.py", "--model-path", model, "--data", f["pairs"], *SUPERVISED], "train/loss"
+        cmd = ["reward_model.py", "--model-path", model, "--data", f["pairs"], "--total-steps", "10", *SUPERVISED]
+        return cmd, ("train/loss",)
     if name == "dpo":
         return [
             "dpo.py",
@@ -80,33 +92,70 @@ def spec(name: str, f: dict, model: str | None = None) -> tuple[list[str], str]:
             f["pairs"],
             "--demo-eval-prompts",
             "0",
+            "--total-steps",
+            "10",
             *SUPERVISED,
-        ], "train/loss"
+        ], ("train/loss",)
     if name == "steerlm":
         return ["steerlm.py", "train", "--model-path", model, "--data", f["attrs"], "--demo-eval-prompts", "0",
-                "--steer-prompts", "0", *SUPERVISED], "train/loss"  # fmt: skip
+                "--steer-prompts", "0", "--total-steps", "10", *SUPERVISED], ("train/loss",)  # fmt: skip
     if name == "ppo":
         return ["ppo.py", "--model-path", model, "--reward-model-path", f["rm"], "--data", f["prompts"],
                 "--total-episodes", "80", "--local-rollout-batch-size", "8", "--response-length", "10",
-                "--demo-eval-prompts", "0", "--sample-every", "0", "--log-every", "1"], "ppo/loss/policy_avg"  # fmt: skip
+                "--demo-eval-prompts", "0", "--sample-every", "0",
+                "--log-every", "1"], ("ppo/loss/policy_avg",)  # fmt: skip
     if name == "grpo":
         return ["grpo.py", "--model-path", model, "--data", f["prompts"], "--reward-fn", f["length_reward"],
                 "--total-episodes", "40", "--local-rollout-batch-size", "4", "--num-generations", "4",
                 "--response-length", "10", "--learning-rate", "1e-3", "--demo-eval-prompts", "0", "--sample-every", "0",
-                "--log-every", "1"], "grpo/loss"  # fmt: skip
+                "--log-every", "1"], ("grpo/loss",)  # fmt: skip
     if name == "spin":
         return ["spin.py", "--model-path", model, "--data", f["sft"], "--iterations", "1", "--num-prompts", "80",
                 "--max-new-tokens", "10", "--local-micro-batch-size", "8", "--eval-size", "16",
-                "--demo-eval-prompts", "0", "--log-every", "1", "--eval-every", "0"], "train/loss"  # fmt: skip
+                "--demo-eval-prompts", "0", "--log-every", "1", "--eval-every", "0"], ("train/loss",)  # fmt: skip
     raise ValueError(name)
 
 
 SCRIPTS = ["sft", "reward_model", "dpo", "ppo", "grpo", "steerlm", "spin"]
 
 
+def log_rows(out) -> list[dict]:
+    """The complete lines of metrics.jsonl (a running process may be in the middle of writing the last one)."""
+    path = out / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+
+
 def logged(out, key: str) -> list[float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r[key] for r in rows if key in r]
+    return [r[key] for r in log_rows(out) if key in r]
+
+
+def series(out, keys: tuple[str, ...]) -> dict[str, list]:
+    """The steps and values of `keys` over the rows that log keys[0] (one per training step or update)."""
+    rows = [r for r in log_rows(out) if keys[0] in r]
+    return {k: [r[k] for r in rows] for k in ("step", *keys)}
+
+
+def assert_same_series(got: dict, expected: dict) -> None:
+    assert got["step"] == expected["step"], (got["step"], expected["step"])  # nothing lost, nothing logged twice
+    differ = [k for k, values in expected.items() if got[k] != pytest.approx(values, rel=1e-5, abs=1e-6)]
+    assert not differ, {k: {"got": got[k], "expected": expected[k]} for k in differ}
+
+
+def checkpoint_step(out) -> int | None:
+    """The step of the trainer state `--resume` would load (None while there is none, or mid-swap)."""
+    try:
+        path = find_trainer_state(out)
+        return json.loads((path / "COMPLETE").read_text())["step"] if path else None
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def resumed_from(output: str) -> int:
+    """The step a run starts at, from its startup line (`start_step=` or, for PPO and GRPO, `start_update=`)."""
+    found = re.findall(r"\bstart_(?:step|update)=(\d+)", output)
+    assert len(found) == 1, output[-3000:]
+    return int(found[0])
 
 
 def start(cmd: list[str], out) -> subprocess.Popen:
@@ -114,52 +163,79 @@ def start(cmd: list[str], out) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_kill9_then_resume_equals_uninterrupted(name, files, tmp_path):
-    cmd, key = spec(name, files)
-    run_script(*cmd, "--output-dir", str(tmp_path / "straight"), "--save-every", "0")
-    expected = logged(tmp_path / "straight", key)
-    assert len(expected) >= 5
+@pytest.fixture(scope="module")
+def uninterrupted(files, tmp_path_factory):
+    """The logged series of an uninterrupted run of each case: run once, shared by the kill -9 and signal tests."""
+    cache = {}
 
+    def get(name: str) -> dict[str, list]:
+        if name not in cache:
+            cmd, keys = spec(name, files)
+            out = tmp_path_factory.mktemp(f"straight_{name}")
+            run_script(*cmd, "--output-dir", str(out), "--save-every", "0")
+            cache[name] = series(out, keys)
+            assert len(cache[name]["step"]) >= 5, cache[name]
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", [*SCRIPTS, "ppo_adaptive_kl"])
+def test_kill9_then_resume_equals_uninterrupted(name, files, uninterrupted, tmp_path):
+    """kill -9 once metrics are logged past the last checkpoint: the resumed run must start at the checkpoint's step,
+    drop what the killed run logged after it, redo those steps, and end with the uninterrupted run's series. A resume
+    that restarted from step 0 (and rewrote the whole log) or kept the killed run's extra lines fails here."""
+    cmd, keys = spec(name, files)
+    expected = uninterrupted(name)
     out = tmp_path / "killed"
     proc = start([*cmd, "--save-every", "3"], out)
-    marker, deadline = out / "trainer_state" / "COMPLETE", time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None, f"finished before its first checkpoint:\n{proc.stdout.read()[-3000:]}"
-        assert time.time() < deadline, "no checkpoint in time"
+    deadline = time.time() + 300
+    while (saved := checkpoint_step(out)) is None or max((r["step"] for r in log_rows(out)), default=-1) <= saved:
+        assert proc.poll() is None, f"finished before logging past a checkpoint:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, "nothing logged past a checkpoint in time"
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    run_script(*cmd, "--output-dir", str(out), "--save-every", "3", "--resume")
-    assert logged(out, key) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    saved = checkpoint_step(out)  # what --resume loads, read again now that nothing is writing
+    assert saved > 0 and max(r["step"] for r in log_rows(out)) > saved  # lines past the checkpoint, to be redone
+    resumed = run_script(*cmd, "--output-dir", str(out), "--save-every", "3", "--resume")
+    assert resumed_from(resumed.stdout) == saved
+    assert_same_series(series(out, keys), expected)
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_sigterm_checkpoints_and_exits_zero(name, files, tmp_path):
-    cmd, key = spec(name, files)
+SIGNAL_CASES = [(name, signal.SIGTERM) for name in SCRIPTS] + [("sft", signal.SIGINT)]
+
+
+@pytest.mark.parametrize("name, sig", SIGNAL_CASES, ids=[f"{n}-{s.name}" for n, s in SIGNAL_CASES])
+def test_stop_signal_checkpoints_exits_zero_and_resumes(name, sig, files, uninterrupted, tmp_path):
+    """SIGTERM (SIGINT for sft): a checkpoint at the next step boundary, a line naming it, exit 0; `--resume` starts
+    there and ends with the uninterrupted run's series. The signal goes out once the first step is logged, with most
+    of the run still to go (sft: 19 of 20 steps), so it lands mid-run: a run without the handler (killed, rc -15; or
+    a KeyboardInterrupt) fails here instead of being skipped."""
+    cmd, keys = spec(name, files)
+    expected = uninterrupted(name)
     out = tmp_path / "run"
     proc = start(cmd, out)
     deadline = time.time() + 300
-    while not logged_any(out, key):
+    while not logged(out, keys[0]):
         assert proc.poll() is None, f"finished before the first log line:\n{proc.stdout.read()[-3000:]}"
         assert time.time() < deadline
         time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=300)
-    if "SIGTERM" not in output:  # the run finished before the signal arrived: nothing to check
-        pytest.skip("the run ended before SIGTERM was delivered")
-    assert proc.returncode == 0, output[-3000:]
-    assert "SIGTERM: checkpoint saved at" in output and str(out) in output
-    assert (out / "trainer_state" / "COMPLETE").exists()
+    assert proc.returncode == 0, f"exit code {proc.returncode}:\n{output[-3000:]}"
+    saved_at = rf"{sig.name}: checkpoint saved at (?:step|update|iteration 1 step) (\d+) in {re.escape(str(out))};"
+    match = re.search(saved_at, output)
+    assert match, output[-3000:]
+    stopped = int(match.group(1))
+    assert 0 < stopped < expected["step"][-1] and checkpoint_step(out) == stopped  # mid-run, and on disk
     from transformers import AutoConfig
 
     AutoConfig.from_pretrained(out)
-
-
-def logged_any(out, key) -> bool:
-    path = out / "metrics.jsonl"
-    return path.exists() and key in path.read_text()
+    resumed = run_script(*cmd, "--output-dir", str(out), "--resume")
+    assert resumed_from(resumed.stdout) == stopped
+    assert_same_series(series(out, keys), expected)
 
 
 @pytest.fixture(scope="module")
@@ -178,13 +254,48 @@ def nan_model(demo_base, tmp_path_factory):
 @pytest.mark.parametrize("name", ["sft", "reward_model", "dpo", "steerlm", "spin"])
 def test_nonfinite_loss_names_the_step_or_is_skipped(name, files, nan_model, tmp_path):
     cmd, _ = spec(name, files, model=nan_model)
-    cmd = [c if c != "10" else "2" for c in cmd]  # two steps are enough
+    if "--total-steps" in cmd:  # spin's steps follow from its prompts
+        cmd[cmd.index("--total-steps") + 1] = "2"  # two steps are enough
     proc = run_script(*cmd, "--output-dir", str(tmp_path / "stop"), check=False)
     assert proc.returncode != 0
     assert "non-finite loss at step 0 (NaN or Inf)" in proc.stderr
     run_script(*cmd, "--output-dir", str(tmp_path / "skip"), "--skip-nonfinite")
     result = json.loads((tmp_path / "skip" / "eval.json").read_text())
     assert result.get("train/skipped_steps", 0) >= 2, result
+
+
+def test_nonfinite_loss_at_a_later_step_names_that_step(demo_base, tmp_path):
+    """A loss that turns NaN at step K = 4, not 0, is reported as step 4: the step after the last one logged.
+
+    Deterministic, no divergence to wait for: the demo model with untied embeddings whose *input* embedding of
+    `<|system|>` is NaN, and one training row with a system turn, placed where `data.step_indices` puts it in step
+    K's global batch. No other row renders `<|system|>`, so steps 0..K-1 are finite and logged, step K is NaN."""
+    from transformers import AutoModelForCausalLM
+
+    from common.models import load_tokenizer
+
+    K, eval_size, batch_size = 4, 16, 8
+    tokenizer = load_tokenizer(str(demo_base))
+    model = AutoModelForCausalLM.from_pretrained(demo_base)
+    model.config.tie_word_embeddings = False  # the output embedding stays finite: other sequences keep their loss
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    with torch.no_grad():
+        model.model.embed_tokens.weight[tokenizer.convert_tokens_to_ids("<|system|>")] = float("nan")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = demo_task.sft_rows(seed=7, n=80)
+    i = data.step_indices(len(rows) - eval_size, batch_size, K, seed=1)[0]  # sft.py's default --seed is 1
+    rows[i] = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": rows[i]["prompt"]},
+                            {"role": "assistant", "content": rows[i]["completion"]}]}  # fmt: skip
+    path = demo_task.write_jsonl(rows, tmp_path / "sft.jsonl")
+    proc = run_script("sft.py", "--model-path", str(tmp_path / "model"), "--data", str(path), "--eval-size",
+                      str(eval_size), "--local-micro-batch-size", str(batch_size), "--total-steps", "8",
+                      "--demo-eval-prompts", "0", *STEP_FLAGS, "--output-dir", str(tmp_path / "run"),
+                      check=False)  # fmt: skip
+    assert proc.returncode != 0
+    losses = logged(tmp_path / "run", "train/loss")
+    assert logged(tmp_path / "run", "step") == list(range(1, K + 1)) and all(map(math.isfinite, losses)), losses
+    assert f"non-finite loss at step {K} (NaN or Inf)" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_ppo_nonfinite_loss(files, nan_model, tmp_path):

@@ -201,8 +201,8 @@ def test_torchrun_two_processes_match_one(tiny_stack, tmp_path):
         ]
 
     one, two = series(tmp_path / "one"), series(tmp_path / "two")
-    assert len(one) == 3
-    for a, b in zip(one, two):
+    assert len(one) == len(two) == 3, (one, two)  # 48 episodes / 16 prompts; zip alone would accept an empty log
+    for a, b in zip(one, two, strict=True):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
 
 
