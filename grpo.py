@@ -574,6 +574,9 @@ if __name__ == "__main__":
         else:
             filled = 0
             live = torch.ones(local_samples, dtype=torch.bool, device=dist.device)
+        # groups trained on that have no reward spread (with dynamic sampling: 0 unless the batch could not be filled)
+        trained_spread = combine_rewards(batch["per_source"], weights).view(-1, G).std(-1) > 0  # (P,)
+        zero_std_trained = dist.sum((live.view(-1, G)[:, 0] & ~trained_spread).sum().item()) / rollout_batch_size
         query_list, response_list = batch["queries"], batch["responses"]
         queries = data.pad(query_list, pad_id, side="left").to(dist.device)  # (B, P)
         width = int(dist.all_reduce(torch.tensor(max(map(len, response_list)), device=dist.device), "max"))
@@ -702,6 +705,7 @@ if __name__ == "__main__":
                 "grpo/clipfrac_low": stats[1].item() / max(stats[3].item(), 1),
                 "grpo/clipfrac_high": stats[2].item() / max(stats[3].item(), 1),
                 "grpo/zero_std_groups": zero_std_frac,
+                "grpo/zero_std_groups_trained": zero_std_trained,
                 "grpo/response_length": sums[4].item() / n,
                 "grpo/truncated_frac": sums[5].item() / n,
                 "grpo/extra_rollout_rounds": extra_rounds,

@@ -313,8 +313,16 @@ def test_dynamic_sampling_refills_and_counts(grpo_files, tmp_path):
     rows = updates(tmp_path / "dyn")
     assert any(r["grpo/zero_std_groups"] > 0 for r in rows)
     assert sum(r["grpo/extra_rollout_rounds"] for r in rows) >= 1
-    for r in rows:  # every group kept has a spread, or was counted as a masked fill
-        assert r["grpo/masked_fill_samples"] >= 0
+    for r in rows:  # every group trained on has a reward spread; what could not be filled is masked and counted
+        assert r["grpo/zero_std_groups_trained"] == 0, r
+        assert r["grpo/masked_fill_samples"] % 4 == 0  # whole groups of G = 4
+        if r["grpo/zero_std_groups"] == 0:
+            assert r["grpo/extra_rollout_rounds"] == 0
+    # without dynamic sampling the flat groups are trained on (and counted)
+    plain = small(f, "--total-episodes", "8", "--output-dir", str(tmp_path / "plain"))
+    plain[plain.index("--reward-fn") + 1] = f"{f['rw']}:half_flat"
+    run_script("grpo.py", *plain)
+    assert any(r["grpo/zero_std_groups_trained"] > 0 for r in updates(tmp_path / "plain"))
 
 
 def test_reward_function_fault_stops_the_run(grpo_files, tmp_path):
