@@ -208,11 +208,14 @@ COMMON = ["--total-steps", "3", "--log-every", "1", "--eval-every", "0", "--save
 
 
 def losses(out):
-    return [
+    """The logged train/loss series; never empty (two empty logs would compare equal)."""
+    found = [
         json.loads(line)["train/loss"]
         for line in (out / "metrics.jsonl").read_text().splitlines()
         if "train/loss" in line
     ]
+    assert found, f"no train/loss logged in {out / 'metrics.jsonl'}"
+    return found
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "simpo", "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl", "kto"])

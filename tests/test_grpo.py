@@ -278,6 +278,7 @@ def test_micro_batch_times_accumulation_equals_one_micro_batch(grpo_files, tmp_p
     run_script("grpo.py", *common, "--output-dir", str(tmp_path / "a"))
     run_script("grpo.py", *common, "--output-dir", str(tmp_path / "b"), "--gradient-accumulation-steps", "4")
     a, b = updates(tmp_path / "a"), updates(tmp_path / "b")
+    assert len(a) == len(b) == 2
     for key in ("grpo/loss", "objective/kl", "reward/mean"):
         assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5, abs=1e-6), key
     from safetensors.torch import load_file

@@ -88,11 +88,14 @@ COMMON = ["--total-steps", "4", "--log-every", "1", "--eval-every", "0", "--save
 
 
 def losses(out):
-    return [
+    """The logged train/loss series; never empty (two empty logs would compare equal)."""
+    found = [
         json.loads(line)["train/loss"]
         for line in (out / "metrics.jsonl").read_text().splitlines()
         if "train/loss" in line
     ]
+    assert found, f"no train/loss logged in {out / 'metrics.jsonl'}"
+    return found
 
 
 def test_bt_smoke_and_round_trip_through_transformers(demo_base, rm_data, tmp_path):

@@ -116,7 +116,10 @@ def metrics(out) -> list[dict]:
 
 
 def losses(out) -> list[float]:
-    return [r["train/loss"] for r in metrics(out) if "train/loss" in r and "spin/iteration_step" in r]
+    """The logged train/loss series; never empty (two empty logs would compare equal)."""
+    found = [r["train/loss"] for r in metrics(out) if "train/loss" in r and "spin/iteration_step" in r]
+    assert found, f"no train/loss logged in {out}"
+    return found
 
 
 @pytest.fixture(scope="module")

@@ -48,11 +48,14 @@ def read_jsonl(path) -> list[dict]:
 
 
 def losses(out) -> list[float]:
-    return [
+    """The logged train/loss series; never empty (two empty logs would compare equal)."""
+    found = [
         json.loads(line)["train/loss"]
         for line in (out / "metrics.jsonl").read_text().splitlines()
         if "train/loss" in line
     ]
+    assert found, f"no train/loss logged in {out / 'metrics.jsonl'}"
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------
