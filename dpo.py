@@ -93,6 +93,9 @@ class Args:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
+    chat_template: str | None = None
+    """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
+    model's own template (base models have none)"""
 
     # --- optimiser ---
     learning_rate: float = 1e-4
@@ -464,14 +467,19 @@ if __name__ == "__main__":
     uses_ref = args.loss_type != "simpo"
 
     # 1. policy, tokenizer, and (unless precomputing or simpo) the frozen reference
-    tokenizer = load_tokenizer(args.model_path)
-    model = load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation)
+    tokenizer = load_tokenizer(args.model_path, chat_template=args.chat_template)
+    model = load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation,
+                           vocab_size=len(tokenizer))  # fmt: skip
     model = wrap_model(model, dist, activation_checkpointing=args.activation_checkpointing)
     ref_path = args.ref_model_path or args.model_path
     ref_model = None
     if uses_ref:
         ref_model = wrap_model(
-            load_causal_lm(ref_path, dist.device, attn_implementation=args.attn_implementation), dist, trainable=False
+            load_causal_lm(
+                ref_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=len(tokenizer)
+            ),
+            dist,
+            trainable=False,
         )
 
     # 2. data: pairs (or KTO rows); errors name file, row and field

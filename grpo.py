@@ -57,12 +57,13 @@ from common.generation import (
     clock,
     demo_eval,
     generate,
+    is_eos,
     paired_difference,
     response_logprobs,
     sample_key,
     truncate_after_eos,
 )
-from common.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+from common.models import end_of_turn_ids, load_causal_lm, load_sequence_classifier, load_tokenizer
 from common.tracking import make_tracker
 from common.training import (
     NonFiniteLoss,
@@ -116,6 +117,9 @@ class Args:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
+    chat_template: str | None = None
+    """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
+    model's own template (base models have none)"""
 
     # --- optimiser ---
     learning_rate: float = 5e-5
@@ -419,15 +423,16 @@ if __name__ == "__main__":
         raise ValueError(f"--reward-weights: {len(weights)} weights for {len(reward_names)} rewards {reward_names}")
 
     # 2. models: the policy (trained); the reference only with a KL term; the reward model if asked for
-    tokenizer = load_tokenizer(args.model_path, padding_side="left")
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    policy = wrap_model(load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation),
-                        dist, activation_checkpointing=args.activation_checkpointing)  # fmt: skip
+    tokenizer = load_tokenizer(args.model_path, padding_side="left", chat_template=args.chat_template)
+    pad_id, eos_ids = tokenizer.pad_token_id, end_of_turn_ids(tokenizer, args.model_path)  # Llama-3 Instruct: two
+    vocab = len(tokenizer)  # load_tokenizer may have added a pad or template tokens: the embeddings grow to match
+    policy = wrap_model(load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation,
+                                       vocab_size=vocab), dist, activation_checkpointing=args.activation_checkpointing)  # fmt: skip
     ref_policy = None
     if args.kl_coef > 0:
         ref_policy = wrap_model(
-            load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation), dist,
-            trainable=False,
+            load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=vocab),
+            dist, trainable=False,
         )  # fmt: skip
     reward_model, score_mean, score_std = None, None, None
     if args.reward_model_path:
@@ -436,7 +441,7 @@ if __name__ == "__main__":
             raise ValueError(f"{args.reward_model_path}: a reward model with {rm_config.num_labels} outputs; need 1")
         reward_model = wrap_model(load_sequence_classifier(args.reward_model_path, dist.device, 1,
                                                            attn_implementation=args.attn_implementation,
-                                                           pad_token_id=pad_id), dist, trainable=False)  # fmt: skip
+                                                           pad_token_id=pad_id, vocab_size=vocab), dist, trainable=False)  # fmt: skip
         if args.normalize_reward:
             score_mean, score_std = getattr(rm_config, "score_mean", None), getattr(rm_config, "score_std", None)
 
@@ -490,7 +495,7 @@ if __name__ == "__main__":
         keys = [sample_key(args.seed, update, round_, dist.rank * len(idx) + k, g) for k in range(len(idx))
                 for g in range(G)]  # fmt: skip
         try:
-            response_list = generate(policy, query_list, pad_id=pad_id, eos_id=eos_id, max_new_tokens=args.response_length,
+            response_list = generate(policy, query_list, pad_id=pad_id, eos_id=eos_ids, max_new_tokens=args.response_length,
                                      dist=dist, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      sample_keys=keys)  # fmt: skip
         except FloatingPointError as e:  # a NaN policy cannot even sample: stop, naming the update
@@ -508,7 +513,7 @@ if __name__ == "__main__":
             with torch.no_grad(), autocast(dist):
                 rm = torch.cat([
                     rewards.score_replies(reward_model, query_list[s : s + local_micro_batch_size],
-                                          response_list[s : s + local_micro_batch_size], pad_id, eos_id, dist.device)[:, 0]
+                                          response_list[s : s + local_micro_batch_size], pad_id, eos_ids, dist.device)[:, 0]
                     for s in range(0, len(query_list), local_micro_batch_size)
                 ])  # fmt: skip
             if score_mean is not None and score_std:
@@ -581,8 +586,8 @@ if __name__ == "__main__":
         queries = data.pad(query_list, pad_id, side="left").to(dist.device)  # (B, P)
         width = int(dist.all_reduce(torch.tensor(max(map(len, response_list)), device=dist.device), "max"))
         responses = data.pad(response_list, pad_id, side="right", length=width).to(dist.device)  # (B, T)
-        responses, mask = truncate_after_eos(responses, eos_id, pad_id)
-        truncated = ~(responses == eos_id).any(-1)  # (B,) never emitted EOS
+        responses, mask = truncate_after_eos(responses, eos_ids, pad_id)
+        truncated = ~is_eos(responses, eos_ids).any(-1)  # (B,) never emitted EOS
         lengths = mask.sum(-1)
         rollout_tokens = lengths.sum().item()
         t_rollout = clock(dist) - t_rollout - reward_time

@@ -49,13 +49,14 @@ from common.generation import (
     clock,
     demo_eval,
     generate,
+    is_eos,
     paired_difference,
     response_logprobs,
     sample_key,
     sequence_inputs,
     truncate_after_eos,
 )
-from common.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+from common.models import end_of_turn_ids, load_causal_lm, load_sequence_classifier, load_tokenizer
 from common.tracking import make_tracker
 from common.training import (
     NonFiniteLoss,
@@ -100,6 +101,9 @@ class Args:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
+    chat_template: str | None = None
+    """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
+    model's own template (base models have none)"""
 
     # --- optimiser ---
     learning_rate: float = 5e-5
@@ -215,12 +219,13 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, dist=No
 
 
 def penalize_missing_eos(
-    scores: torch.Tensor, responses: torch.Tensor, eos_id: int, penalty: float | None
+    scores: torch.Tensor, responses: torch.Tensor, eos_id: int | list[int], penalty: float | None
 ) -> torch.Tensor:
-    """Subtract `penalty` from the score of every response without an EOS (it ran out of tokens) (B,)."""
+    """Subtract `penalty` from the score of every response without an EOS, any of `eos_id` (it ran out of tokens)
+    (B,)."""
     if penalty is None:
         return scores
-    return torch.where((responses == eos_id).any(-1), scores, scores - penalty)
+    return torch.where(is_eos(responses, eos_id).any(-1), scores, scores - penalty)
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -329,11 +334,13 @@ if __name__ == "__main__":
     optimizer_steps = num_updates * args.ppo_epochs * args.num_minibatches
 
     # 1. models: policy + value (trained), reference + reward (frozen); all FSDP2-sharded under torchrun
-    tokenizer = load_tokenizer(args.model_path, padding_side="left")
-    policy = wrap_model(load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation),
-                        dist, activation_checkpointing=args.activation_checkpointing)  # fmt: skip
+    tokenizer = load_tokenizer(args.model_path, padding_side="left", chat_template=args.chat_template)
+    eos_ids = end_of_turn_ids(tokenizer, args.model_path)  # every id that ends a reply (Llama-3 Instruct: two)
+    vocab = len(tokenizer)  # load_tokenizer may have added a pad or template tokens: the embeddings grow to match
+    policy = wrap_model(load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation,
+                                       vocab_size=vocab), dist, activation_checkpointing=args.activation_checkpointing)  # fmt: skip
     ref_policy = wrap_model(
-        load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation),
+        load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=vocab),
         dist,
         trainable=False,
     )
@@ -341,10 +348,11 @@ if __name__ == "__main__":
     if rm_config.num_labels != 1:
         raise ValueError(f"{args.reward_model_path}: a reward model with {rm_config.num_labels} outputs; PPO needs 1")
     reward_model = wrap_model(load_sequence_classifier(args.reward_model_path, dist.device, 1, attn_implementation=args.attn_implementation,
-                                                       pad_token_id=tokenizer.pad_token_id), dist, trainable=False)  # fmt: skip
+                                                       pad_token_id=tokenizer.pad_token_id, vocab_size=vocab), dist, trainable=False)  # fmt: skip
     value_path = args.reward_model_path if args.value_init == "reward" else args.model_path
     value_model = wrap_model(load_sequence_classifier(value_path, dist.device, 1, attn_implementation=args.attn_implementation,
-                                                      pad_token_id=tokenizer.pad_token_id, init_head=args.value_init == "policy"),
+                                                      pad_token_id=tokenizer.pad_token_id, init_head=args.value_init == "policy",
+                                                      vocab_size=vocab),
                              dist, activation_checkpointing=args.activation_checkpointing)  # fmt: skip
     score_mean = getattr(rm_config, "score_mean", None) if args.normalize_reward else None
     score_std = getattr(rm_config, "score_std", None) if args.normalize_reward else None
@@ -411,7 +419,7 @@ if __name__ == "__main__":
         # randomness keyed by (seed, update, position in the global batch): the same samples on any number of ranks
         keys = [sample_key(args.seed, update, dist.rank * len(idx) + k) for k in range(len(idx))]
         try:
-            response_list = generate(policy, query_list, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+            response_list = generate(policy, query_list, pad_id=tokenizer.pad_token_id, eos_id=eos_ids,
                                      max_new_tokens=args.response_length, dist=dist, temperature=args.temperature,
                                      top_k=args.top_k, top_p=args.top_p, sample_keys=keys)  # fmt: skip
         except FloatingPointError as e:  # a NaN policy cannot even sample: stop, naming the update
@@ -422,9 +430,9 @@ if __name__ == "__main__":
         responses = data.pad(response_list, tokenizer.pad_token_id, side="right", length=width).to(
             dist.device
         )  # (B, T)
-        responses, mask = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        responses, mask = truncate_after_eos(responses, eos_ids, tokenizer.pad_token_id)
         mask = mask.float()
-        contains_eos = (responses == tokenizer.eos_token_id).any(-1)
+        contains_eos = is_eos(responses, eos_ids).any(-1)
         rollout_tokens = mask.sum().item()
         t_rollout = clock(dist) - t_rollout
 
@@ -445,13 +453,13 @@ if __name__ == "__main__":
                 # the reward model reads exactly the tokens it was trained on (common.rewards: prompt + reply
                 # through EOS), the same sequences reward_model.py scored for its statistics
                 scores.append(rewards.score_replies(reward_model, query_list[s : s + len(q)], response_list[s : s + len(q)],
-                                                    tokenizer.pad_token_id, tokenizer.eos_token_id, dist.device)[:, 0])  # fmt: skip
+                                                    tokenizer.pad_token_id, eos_ids, dist.device)[:, 0])  # fmt: skip
             old_logprobs, old_entropy = torch.cat(old_logprobs), torch.cat(old_entropy)  # (B, T)
             ref_logprobs, old_values, scores = torch.cat(ref_logprobs), torch.cat(old_values), torch.cat(scores)
         raw_scores = scores.clone()
         if score_mean is not None and score_std:
             scores = (scores - score_mean) / score_std
-        scores = penalize_missing_eos(scores, responses, tokenizer.eos_token_id, args.missing_eos_penalty)
+        scores = penalize_missing_eos(scores, responses, eos_ids, args.missing_eos_penalty)
 
         # 3. KL penalty per token; the score lands on the last response token
         kl = kl_estimate(old_logprobs, ref_logprobs, args.kl_estimator) * mask  # (B, T)

@@ -39,7 +39,7 @@ import tyro
 
 from common import checkpoint, data, rewards
 from common.dist import autocast, cleanup, init_distributed, seed_everything, wrap_model
-from common.models import load_sequence_classifier, load_tokenizer
+from common.models import end_of_turn_ids, load_sequence_classifier, load_tokenizer
 from common.tracking import make_tracker
 from common.training import Schedule, StopSignal, make_optimizer, make_scheduler, nonfinite_step, optimizer_step
 
@@ -79,6 +79,9 @@ class Args:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
+    chat_template: str | None = None
+    """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
+    model's own template (base models have none)"""
 
     # --- optimiser ---
     learning_rate: float = 5e-4
@@ -138,10 +141,13 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Ten
     return (err**2).sum(), present.sum()
 
 
-def tokenize_example(tokenizer, record: dict, args: Args, names: list[str], context: str) -> dict:
-    """bt: {"chosen", "rejected"} token ids (prompt + reply through EOS, `rewards.reward_model_tokens`) and the
-    margin; regression: {"input_ids", "target"} with NaN for a missing attribute."""
-    eos = tokenizer.eos_token_id
+def tokenize_example(
+    tokenizer, record: dict, args: Args, names: list[str], context: str, eos_ids: list[int] | None = None
+) -> dict:
+    """bt: {"chosen", "rejected"} token ids (prompt + reply through EOS, any of `eos_ids`, default the tokenizer's:
+    `rewards.reward_model_tokens`) and the margin; regression: {"input_ids", "target"} with NaN for a missing
+    attribute."""
+    eos = eos_ids or tokenizer.eos_token_id
     if args.objective == "bt":
         t = data.tokenize_pair(tokenizer, record, args.max_seq_len, args.max_prompt_len, context)
         margin = record["margin"] if args.use_margin and record["margin"] is not None else 0.0
@@ -150,7 +156,7 @@ def tokenize_example(tokenizer, record: dict, args: Args, names: list[str], cont
             "rejected": rewards.reward_model_tokens(t["prompt_ids"], t["rejected_ids"], eos),
             "margin": margin,
         }
-    ids = rewards.conversation_reward_tokens(tokenizer, record["messages"], context)
+    ids = rewards.conversation_reward_tokens(tokenizer, record["messages"], context, eos_ids)
     if len(ids) > args.max_seq_len:
         raise data.DataError(f"{context}: {len(ids)} tokens, over --max-seq-len {args.max_seq_len}")
     target = [math.nan if record["attributes"].get(n) is None else record["attributes"][n] for n in names]
@@ -226,7 +232,8 @@ if __name__ == "__main__":
     dist = init_distributed()
     seed_everything(args.seed)
     stop = StopSignal()
-    tokenizer = load_tokenizer(args.model_path)
+    tokenizer = load_tokenizer(args.model_path, chat_template=args.chat_template)
+    eos_ids = end_of_turn_ids(tokenizer, args.model_path)  # what generation stops at in PPO/GRPO: score through it
 
     # 1. data: pairs (bt) or attribute rows (regression); errors name file, row and field
     kind, parse = (
@@ -242,7 +249,7 @@ if __name__ == "__main__":
             names += [n for n in r["attributes"] if n not in names]
 
     def tok(record, context):
-        return tokenize_example(tokenizer, record, args, names, context)
+        return tokenize_example(tokenizer, record, args, names, context, eos_ids)
 
     train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
     evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
@@ -254,7 +261,7 @@ if __name__ == "__main__":
     fresh_head = not getattr(AutoConfig.from_pretrained(args.model_path), "plainalign_reward_model", False)
     model = load_sequence_classifier(
         args.model_path, dist.device, num_labels, attn_implementation=args.attn_implementation,
-        pad_token_id=tokenizer.pad_token_id, init_head=fresh_head and not args.resume,
+        pad_token_id=tokenizer.pad_token_id, init_head=fresh_head and not args.resume, vocab_size=len(tokenizer),
     )  # fmt: skip
     model = wrap_model(model, dist, activation_checkpointing=args.activation_checkpointing)
 

@@ -75,6 +75,9 @@ class Args:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
+    chat_template: str | None = None
+    """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
+    model's own template (base models have none)"""
 
     # --- optimiser ---
     learning_rate: float = 2e-3
@@ -156,8 +159,10 @@ if __name__ == "__main__":
 
     # 1. model and tokenizer
     model_path = resolve_model_path(args.model_path, dist.is_main, dist.barrier)
-    tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, dist.device, attn_implementation=args.attn_implementation)
+    tokenizer = load_tokenizer(model_path, chat_template=args.chat_template)
+    model = load_causal_lm(
+        model_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=len(tokenizer)
+    )
     model = wrap_model(model, dist, activation_checkpointing=args.activation_checkpointing)
 
     # 2. data: parse every row (errors name file, row and field), tokenize, hold out an eval set, pack

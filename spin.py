@@ -60,7 +60,7 @@ import tyro
 from common import checkpoint, data
 from common.dist import autocast, cleanup, init_distributed, reshard, sampling_generator, seed_everything, wrap_model
 from common.generation import demo_eval, generate, paired_difference
-from common.models import load_causal_lm, load_tokenizer
+from common.models import end_of_turn_ids, load_causal_lm, load_tokenizer
 from common.tracking import make_tracker
 from common.training import (
     NonFiniteLoss,
@@ -111,6 +111,9 @@ class Args:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
+    chat_template: str | None = None
+    """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
+    model's own template (base models have none)"""
 
     # --- optimiser ---
     learning_rate: float = 1e-4
@@ -283,7 +286,8 @@ def generate_responses(
     """
     n = len(prompt_ids)
     padded = prompt_ids + prompt_ids[: (-n) % dist.world_size]
-    responses = generate(model, dist.shard(padded), pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+    responses = generate(model, dist.shard(padded), pad_id=tokenizer.pad_token_id,
+                         eos_id=end_of_turn_ids(tokenizer, args.model_path),
                          max_new_tokens=args.max_new_tokens, dist=dist, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, generator=generator, batch_size=args.local_generation_batch_size)  # fmt: skip
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -388,8 +392,9 @@ if __name__ == "__main__":
 
     # 1. the policy and tokenizer; no reference copy (its log-probs are computed once per iteration, step 4b)
     check_model_path(args.model_path)
-    tokenizer = load_tokenizer(args.model_path)
-    model = load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation)
+    tokenizer = load_tokenizer(args.model_path, chat_template=args.chat_template)
+    model = load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation,
+                           vocab_size=len(tokenizer))  # fmt: skip
     model = wrap_model(model, dist, activation_checkpointing=args.activation_checkpointing)
 
     # 2. data: SFT rows -> (prompt, gold); errors name file, row and field

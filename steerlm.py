@@ -58,7 +58,13 @@ import tyro
 from common import checkpoint, data, demo_task, rewards
 from common.dist import autocast, cleanup, init_distributed, sampling_generator, seed_everything, wrap_model
 from common.generation import demo_eval, generate
-from common.models import load_causal_lm, load_sequence_classifier, load_tokenizer, resolve_model_path
+from common.models import (
+    end_of_turn_ids,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    resolve_model_path,
+)
 from common.tracking import make_tracker
 from common.training import Schedule, StopSignal, make_optimizer, make_scheduler, nonfinite_step, optimizer_step
 from kernels import selective_logprob
@@ -80,6 +86,9 @@ class LabelOptions:
     `module.path:function` / `file.py:function`, with function(prompt: str, response: str) -> dict[str, number]"""
     label_batch_size: int = 64
     """rows per forward of the --label-model on each rank"""
+    chat_template: str | None = None
+    """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
+    model's own template (base models have none)"""
 
 
 @dataclass
@@ -132,6 +141,9 @@ class TrainArgs:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
+    chat_template: str | None = None
+    """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
+    model's own template (base models have none)"""
 
     # --- optimiser ---
     learning_rate: float = 1e-3
@@ -194,6 +206,8 @@ class GenerateArgs:
 
     model_path: str = "out/steerlm"
     """a model trained by `steerlm.py train` (HF directory or hub id)"""
+    chat_template: str | None = None
+    """`chatml`, `llama3`, `plain` or a Jinja file; overrides the model's own template"""
     attributes: str = ""
     """requested values, `name=value,...` or `name:value,...` (an attribute not given is left out of the string)"""
     prompt: str | None = None
@@ -400,13 +414,16 @@ def label_stage(args, dist, output_file: str) -> Path:
                 f"--label-model {args.label_model}: its config has no `attribute_names` "
                 "(train one with `reward_model.py --objective regression`)"
             )
-        tokenizer = load_tokenizer(args.label_model)
-        model = load_sequence_classifier(args.label_model, dist.device, len(names), pad_token_id=tokenizer.pad_token_id)
+        tokenizer = load_tokenizer(args.label_model, chat_template=args.chat_template)
+        eos_ids = end_of_turn_ids(tokenizer, args.label_model)
+        model = load_sequence_classifier(args.label_model, dist.device, len(names), pad_token_id=tokenizer.pad_token_id,
+                                         vocab_size=len(tokenizer))  # fmt: skip
         model = wrap_model(model, dist, trainable=False)
         say(f"labelling {n} rows with {args.label_model} (attributes {names}) on {dist.world_size} rank(s)")
         # the tokens the attribute model was trained on (common.rewards: prompt + reply through its end-of-turn)
         seqs = [
-            rewards.conversation_reward_tokens(tokenizer, r["messages"], data.where(data_path, r["row"])) for r in local
+            rewards.conversation_reward_tokens(tokenizer, r["messages"], data.where(data_path, r["row"]), eos_ids)
+            for r in local
         ]
         fits = [len(s) <= args.max_seq_len for s in seqs]
         # a row too long for the model is not scored from a truncated view: it is reported, and a stand-in keeps
@@ -512,11 +529,13 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def respond(model, tokenizer, dist, prompts: list[list[dict]], attributes: list[str], mode: str, max_new_tokens: int,
-            temperature: float = 0.0, top_p: float = 1.0, generator=None, batch_size: int = 256):  # fmt: skip
-    """(texts, token counts) of the responses to prompts, each requesting its attribute string."""
+            temperature: float = 0.0, top_p: float = 1.0, generator=None, batch_size: int = 256,
+            eos_ids: list[int] | None = None):  # fmt: skip
+    """(texts, token counts) of the responses to prompts, each requesting its attribute string; generation stops at
+    any of `eos_ids` (default: the tokenizer's EOS)."""
     ids = [request_ids(tokenizer, p, a, mode) for p, a in zip(prompts, attributes)]
     out = generate(
-        model, ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
+        model, ids, pad_id=tokenizer.pad_token_id, eos_id=eos_ids or tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
         dist=dist, temperature=temperature, top_p=top_p, generator=generator, batch_size=batch_size,
     )  # fmt: skip
     return tokenizer.batch_decode(out, skip_special_tokens=True), [len(o) for o in out]
@@ -599,11 +618,12 @@ def train_stage(args: TrainArgs, dist) -> dict:
         )
         start = "demo"
     model_path = resolve_model_path(start, dist.is_main, dist.barrier)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, chat_template=args.chat_template)
     mode = conditioning_mode(tokenizer)
     if mode == "system":
         notes.append("the chat template ignores `attributes`: they are given as a system message 'Attributes: ...'")
-    model = load_causal_lm(model_path, dist.device, attn_implementation=args.attn_implementation)
+    model = load_causal_lm(model_path, dist.device, attn_implementation=args.attn_implementation,
+                           vocab_size=len(tokenizer))  # fmt: skip
     model = wrap_model(model, dist, activation_checkpointing=args.activation_checkpointing)
 
     # 2. data: parse every row (errors name file, row and field), write the attributes into the header, tokenize
@@ -769,11 +789,11 @@ def generate_stage(args: GenerateArgs, dist) -> list[dict]:
         raise ValueError("generate: pass exactly one of --prompt and --prompts-file")
 
     # 1. model, tokenizer, and the attribute order the model was trained with
-    tokenizer = load_tokenizer(args.model_path)
+    tokenizer = load_tokenizer(args.model_path, chat_template=args.chat_template)
     trained_order = getattr(AutoConfig.from_pretrained(args.model_path), "steerlm_attributes", None)
     order = parse_order(args.attributes_order) if args.attributes_order else trained_order or list(demo_task.ATTRIBUTES)
     mode = conditioning_mode(tokenizer)
-    model = wrap_model(load_causal_lm(args.model_path, dist.device), dist, trainable=False)
+    model = wrap_model(load_causal_lm(args.model_path, dist.device, vocab_size=len(tokenizer)), dist, trainable=False)
 
     # 2. requests: (prompt as given, messages, attribute string); unknown attributes are errors
     default = parse_attributes_string(args.attributes) if args.attributes.strip() else {}
@@ -812,7 +832,8 @@ def generate_stage(args: GenerateArgs, dist) -> list[dict]:
     local = dist.shard(pad_to_multiple(requests, dist.world_size))
     generator = sampling_generator(args.seed, dist) if args.temperature > 0 else None
     texts, _ = respond(model, tokenizer, dist, [r[1] for r in local], [r[2] for r in local], mode, args.max_new_tokens,
-                       args.temperature, args.top_p, generator, args.batch_size)  # fmt: skip
+                       args.temperature, args.top_p, generator, args.batch_size,
+                       eos_ids=end_of_turn_ids(tokenizer, args.model_path))  # fmt: skip
     rows = [{"prompt": r[0], "attributes": r[2], "response": t} for r, t in zip(local, texts)]
     rows = [x for part in dist.all_gather_object(rows) for x in part][:n]
 

@@ -1,9 +1,9 @@
 """Data plumbing: reading every contract of DESIGN.md, rendering with the chat template, collating, packing.
 
-Reading goes through `datasets.load_dataset` (local jsonl/json/parquet/csv files and hub names). Each row is
-validated by a `parse_*` function that returns a plain normalised record or raises `DataError` naming the
-file, the row (1-based, = the line of a jsonl file) and the field. `parse_rows` applies one of them to a
-whole dataset and either stops at the first bad row or, when the user asked for it, skips and counts.
+Reading goes through `datasets.load_dataset` (local jsonl/json/parquet/csv files, also .jsonl.gz/.json.gz/.csv.gz,
+and hub names). Each row is validated by a `parse_*` function that returns a plain normalised record or raises
+`DataError` naming the file, the row (1-based, = the line of a jsonl file) and the field. `parse_rows` applies one
+of them to a whole dataset and either stops at the first bad row or, when the user asked for it, skips and counts.
 
 Rendering always uses the tokenizer's chat template. The tokens an assistant turn contributes are found by
 rendering prefixes of the conversation (the generation prompt before the turn, the conversation including
@@ -13,6 +13,7 @@ and the code checks that instead of assuming it.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import warnings
@@ -42,6 +43,22 @@ def where(source: str, row: int, fld: str | None = None) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_GZIP_READABLE = (".jsonl", ".json", ".csv")  # read like their plain forms when gzipped (parquet compresses inside)
+
+
+def data_format(path: Path) -> tuple[str | None, bool]:
+    """(".jsonl"/".json"/".parquet"/".csv", gzipped) of a data file name; (None, False) when it is not one
+    (a directory or a hub name). `x.jsonl.gz` is (".jsonl", True)."""
+    if path.suffix == ".gz" and len(path.suffixes) >= 2 and path.suffixes[-2] in _GZIP_READABLE:
+        return path.suffixes[-2], True
+    return (path.suffix, False) if path.suffix in _BUILDERS else (None, False)
+
+
+def _open_text(path, **kwargs):
+    """A data file opened as text, through gzip when its name ends in .gz."""
+    if str(path).endswith(".gz"):
+        return gzip.open(path, "rt", **kwargs)
+    return open(path, **kwargs)
 
 
 def _check_json_lines(path: str) -> list[int] | None:
@@ -49,17 +66,17 @@ def _check_json_lines(path: str) -> list[int] | None:
 
     Returns the line number of each row: datasets skips blank lines, so the k-th row it returns is the k-th
     non-blank line, not line k. None for a JSON array (its rows are numbered by position)."""
-    with open(path) as f:
+    with _open_text(path) as f:
         first = f.read(1)
     if first == "[":
         try:
-            with open(path) as f:
+            with _open_text(path) as f:
                 json.load(f)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
         return None
     line_numbers = []
-    with open(path) as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -80,7 +97,7 @@ def _csv_text_features(path: Path):
 
     import datasets
 
-    with open(path, newline="") as f:
+    with _open_text(path, newline="") as f:
         header = next(csv.reader(f), [])
     return datasets.Features({name: datasets.Value("string") for name in header})
 
@@ -95,8 +112,9 @@ class Rows(list):
 
 
 def load_rows(spec: str, split: str = "train") -> Rows:
-    """Rows of a local file (jsonl/json/parquet/csv) or a `datasets` hub name, as a list of dicts that knows
-    the file row of each (`Rows.line_numbers`: past blank lines of a jsonl file, the line; else the position).
+    """Rows of a local file (jsonl/json/parquet/csv, and jsonl/json/csv gzipped: `x.jsonl.gz`) or a `datasets` hub
+    name, as a list of dicts that knows the file row of each (`Rows.line_numbers`: past blank lines of a jsonl
+    file, the line; else the position).
 
     A local path may carry a split in the hub style, `path.jsonl:test` is not supported; pass separate files.
     """
@@ -105,17 +123,21 @@ def load_rows(spec: str, split: str = "train") -> Rows:
     datasets.disable_progress_bars()
     path = Path(spec)
     line_numbers = None
-    if path.suffix in _BUILDERS:
+    suffix, gzipped = data_format(path)
+    if suffix is not None:
         if not path.exists():
             raise FileNotFoundError(f"{spec}: no such data file")
-        if _BUILDERS[path.suffix] == "json":
-            line_numbers = _check_json_lines(spec)
-        # CSV cells are read as text: a completion "3" must stay the string "3" (numbers are parsed per field)
-        kwargs = {"features": _csv_text_features(path)} if path.suffix == ".csv" else {}
         try:
-            ds = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train", **kwargs)
+            if _BUILDERS[suffix] == "json":
+                line_numbers = _check_json_lines(spec)
+            # CSV cells are read as text: a completion "3" must stay the string "3" (numbers are parsed per field)
+            kwargs = {"features": _csv_text_features(path)} if suffix == ".csv" else {}
+        except (gzip.BadGzipFile, EOFError) as e:  # not gzip, or cut short
+            raise DataError(f"{spec}: not a readable gzip file ({e})") from None
+        try:  # datasets decompresses a .gz data file itself (it infers the compression from the name)
+            ds = datasets.load_dataset(_BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
         except Exception as e:  # arrow type conflicts etc.: keep datasets' explanation, add the file
-            raise DataError(f"{spec}: could not be read as {path.suffix[1:]}: {e}") from e
+            raise DataError(f"{spec}: could not be read as {suffix[1:]}{'.gz' if gzipped else ''}: {e}") from e
     elif path.is_dir():
         ds = datasets.load_dataset(str(path), split=split)
     else:

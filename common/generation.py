@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Iterable
 
 import torch
 
@@ -61,6 +62,16 @@ def keyed_uniform(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     return (bits.double() + 0.5) / 4294967296.0
 
 
+def eos_set(eos_id: int | Iterable[int]) -> set[int]:
+    """The ids that end a reply: one (a tokenizer's EOS) or several (`common.models.end_of_turn_ids`)."""
+    return {int(eos_id)} if isinstance(eos_id, int) else {int(i) for i in eos_id}
+
+
+def is_eos(tokens: torch.Tensor, eos_id: int | Iterable[int]) -> torch.Tensor:
+    """Boolean mask, shaped like `tokens`, of the tokens that end a reply (any of `eos_id`)."""
+    return torch.isin(tokens, torch.tensor(sorted(eos_set(eos_id)), dtype=tokens.dtype, device=tokens.device))
+
+
 def never_sampled(logits: torch.Tensor, pad_id: int) -> torch.Tensor:
     """The logits (..., V) of the distribution generation samples from: the pad token's logit at -inf.
 
@@ -105,7 +116,7 @@ def generate(
     prompts: list[list[int]],
     *,
     pad_id: int,
-    eos_id: int,
+    eos_id: int | Iterable[int],
     max_new_tokens: int,
     dist: Dist,
     temperature: float = 0.0,
@@ -115,7 +126,8 @@ def generate(
     sample_keys: list[int] | None = None,
     batch_size: int = 256,
 ) -> list[list[int]]:
-    """Responses to token-id prompts, each cut after its first EOS (the EOS is kept).
+    """Responses to token-id prompts, each cut after its first EOS (the EOS is kept); `eos_id` is one id or several
+    (any of them ends a reply, `common.models.end_of_turn_ids`).
 
     Sampling draws from `generator`, or, given one `sample_keys` entry per prompt, from counter-based
     randomness keyed by (key, token position): then a prompt's response does not depend on the rank or the
@@ -126,6 +138,8 @@ def generate(
     """
     was_training = model.training
     model.eval()
+    ends = eos_set(eos_id)
+    stop_ids = torch.tensor(sorted(ends), device=dist.device)  # (E,)
     out: list[list[int]] = []
     n_batches = (len(prompts) + batch_size - 1) // batch_size
     with gathered_for_generation(model), autocast(dist):
@@ -159,7 +173,7 @@ def generate(
                 nxt = sample_next(logits, temperature, top_k, top_p, generator, uniforms)
                 nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
                 tokens.append(nxt)
-                done |= nxt == eos_id
+                done |= torch.isin(nxt, stop_ids)
                 # one all-reduce per token: are any rows still going, and did any rank see NaN logits?
                 flags = dist.all_reduce(torch.stack([(~done).sum(), nan.sum()]).double())
                 if flags[1] > 0:  # raised on every rank together, so none waits forever for the others
@@ -173,7 +187,7 @@ def generate(
                 attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             gen = torch.stack(tokens, dim=1).tolist()  # (B, T)
             for row in gen:
-                cut = row.index(eos_id) + 1 if eos_id in row else len(row)
+                cut = next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
                 out.append(row[:cut])
     model.train(was_training)
     return out
@@ -184,10 +198,13 @@ def generate(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad everything after the first EOS (the EOS stays); returns (responses, mask of kept tokens) (B, T)."""
-    is_eos = responses == eos_id
-    after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+def truncate_after_eos(
+    responses: torch.Tensor, eos_id: int | Iterable[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad everything after the first EOS, any of `eos_id` (the EOS stays); returns (responses, mask of kept
+    tokens) (B, T)."""
+    ends = is_eos(responses, eos_id).long()
+    after = (ends.cumsum(-1) - ends) > 0  # strictly after the first EOS
     mask = ~after & (responses != pad_id)
     return torch.where(mask, responses, torch.full_like(responses, pad_id)), mask
 

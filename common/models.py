@@ -125,17 +125,164 @@ def resolve_model_path(path: str, is_main: bool = True, barrier=None) -> str:
     return str(DEMO_BASE_DIR)
 
 
-def load_tokenizer(path: str, padding_side: str = "right"):
+# Chat templates for models that ship none (base models) or whose own one is to be replaced: `--chat-template`.
+# Each is prefix-stable (rendering a conversation up to a turn is a prefix of rendering it with the turn, which
+# `common.data` needs to find assistant tokens) under the pre-tokenizers of Qwen2 and Llama-3, which keep a run of
+# newlines together, and ends every assistant turn with a token generation stops at (`end_of_turn_ids`).
+CHAT_TEMPLATES = {
+    # Qwen's ChatML, without the default system message: <|im_start|>role\ncontent<|im_end|>\n
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    # Meta's Llama-3 Instruct format, without the date/tools system preamble
+    "llama3": (
+        "{% if bos_token %}{{ bos_token }}{% endif %}"
+        "{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
+        "+ message['content'] | trim + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    # "User: ...\n\nAssistant: ...<EOS>": no new tokens, for any base model. The separator opens a turn rather
+    # than closing one, and the generation prompt ends at "Assistant:" (the reply brings its own leading space),
+    # so no whitespace at the end of a rendering can merge differently with what follows it.
+    "plain": (
+        "{% if bos_token %}{{ bos_token }}{% endif %}"
+        "{% for message in messages %}"
+        "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+        "{% if message['role'] == 'system' %}{{ 'System: ' + message['content'] }}"
+        "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] }}"
+        "{% else %}{{ 'Assistant: ' + message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' if messages else 'Assistant:' }}{% endif %}"
+    ),
+}
+# The special tokens a built-in template writes; those missing from the vocabulary are added (TRL's
+# `setup_chat_format` does the same for ChatML), else a ChatML reply would end in text pieces no stop test sees.
+TEMPLATE_TOKENS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "plain": (),
+}
+CHAT_TEMPLATE_CHOICES = "--chat-template chatml|llama3|plain|FILE"
+# Tokens that end an assistant turn in the ChatML and Llama-3 formats (ours and the models' own templates)
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
+PAD_TOKEN = "<|pad|>"  # added when the vocabulary has no free special token to pad with
+# Multimodal placeholders (Qwen's <|vision_pad|>, <|image_pad|>, <|video_pad|>): inputs of the VL siblings of a
+# tokenizer, not free tokens
+_MODALITY = re.compile(r"vision|image|video|audio", re.IGNORECASE)
+
+
+def _note(message: str) -> None:
+    """One line on rank 0 (RANK is set by torchrun); used before any tracker exists."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
+
+
+def _token_id(tokenizer, token: str) -> int | None:
+    """The id of `token` when the vocabulary has it as one token, else None (not the unknown token's id)."""
+    i = tokenizer.convert_tokens_to_ids(token)
+    return i if isinstance(i, int) and tokenizer.convert_ids_to_tokens(i) == token else None
+
+
+def resolve_chat_template(spec: str) -> str:
+    """`--chat-template`: a built-in name (CHAT_TEMPLATES) or the path of a Jinja file -> the template text."""
+    if spec in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[spec]
+    if Path(spec).is_file():
+        return Path(spec).read_text()
+    raise ValueError(f"--chat-template {spec!r}: not a built-in template nor a file; use {CHAT_TEMPLATE_CHOICES}")
+
+
+def _generation_eos_ids(model_path: str) -> list[int]:
+    """generation_config.json's eos_token_id (an int or a list), [] when the model has no generation config."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        return []
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def end_of_turn_ids(tokenizer, model_path: str | None = None) -> list[int]:
+    """Every token id that ends a reply: generation stops at the first one, truncation cuts after it, reward
+    models score through it (`common.rewards.reward_model_tokens`).
+
+    The tokenizer's EOS; generation_config.json's eos_token_id of `model_path` (Llama-3 Instruct lists <|eot_id|>
+    and <|end_of_text|>); and <|im_end|> / <|eot_id|> when the chat template writes it and the vocabulary has it
+    (a Qwen base model's EOS is <|endoftext|>, but a ChatML turn ends with <|im_end|>). The pad id is left out: it
+    is never sampled (`common.generation.never_sampled`). The demo tokenizer gets its one EOS.
+    """
+    ids = [tokenizer.eos_token_id] + (_generation_eos_ids(model_path) if model_path is not None else [])
+    template = str(tokenizer.chat_template or "")
+    ids += [_token_id(tokenizer, t) for t in END_OF_TURN_TOKENS if t in template]
+    out: list[int] = []
+    for i in ids:
+        if i is not None and i != tokenizer.pad_token_id and i not in out:
+            out.append(i)
+    return out
+
+
+def choose_pad_token(tokenizer, taken: list[int]) -> str | None:
+    """A special token of the vocabulary that is free to pad with, or None.
+
+    Free: a special added token that is not EOS, BOS, UNK or in `taken` (the end-of-turn ids), that the chat
+    template does not write, and whose name says it is spare: it contains "pad" (Qwen's <|fim_pad|>, Llama-3.1's
+    <|finetune_right_pad_id|>; multimodal placeholders excluded) or, second choice, "reserved"/"unused" (Llama-3's
+    <|reserved_special_token_N|>). Lowest id first. Any other special token may carry meaning the model learnt
+    (a document separator, a FIM marker), and padding must never look like content.
+    """
+    template = str(tokenizer.chat_template or "")
+    excluded = set(taken) | {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id}
+    ranked = []
+    for i, token in tokenizer.added_tokens_decoder.items():
+        name = token.content
+        if not token.special or i in excluded or name in template:
+            continue
+        lower = name.lower()
+        if "pad" in lower and not _MODALITY.search(name):
+            ranked.append((0, i, name))
+        elif "reserved" in lower or "unused" in lower:
+            ranked.append((1, i, name))
+    return min(ranked)[2] if ranked else None
+
+
+def load_tokenizer(path: str, padding_side: str = "right", chat_template: str | None = None):
+    """The tokenizer of `path` with a chat template and a pad token that is not EOS.
+
+    Template: `chat_template` (`--chat-template`, a CHAT_TEMPLATES name or a Jinja file) overrides the tokenizer's
+    own; a built-in's special tokens missing from the vocabulary are added. No template at all: an error naming
+    the flag. Pad: kept when set and not EOS; else `choose_pad_token`, else a new <|pad|>. A pad equal to EOS
+    would make "mask the padding" also mask the real end of every answer, and generation, which never samples
+    the pad, could not stop. What was chosen is printed (one line); the scripts export the tokenizer with
+    `save_pretrained`, so the next stage reads the same template and pad. Added tokens make len(tokenizer) exceed
+    the checkpoint's embeddings: the scripts pass `vocab_size=len(tokenizer)` to the model loaders, which grow them.
+    """
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # A pad token equal to EOS makes "mask the padding" also mask the real end of every answer.
-        raise ValueError(
-            f"{path}: the tokenizer's pad token is missing or equal to EOS ({tokenizer.eos_token!r}); "
-            "add a dedicated pad token (tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the "
-            "embeddings) before training"
-        )
+    notes = []
+    if chat_template is not None:
+        tokenizer.chat_template = resolve_chat_template(chat_template)
+        missing = [t for t in TEMPLATE_TOKENS.get(chat_template, ()) if _token_id(tokenizer, t) is None]
+        if missing:
+            tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+            notes.append(f"added {', '.join(missing)} for --chat-template {chat_template}")
     if tokenizer.chat_template is None:
-        raise ValueError(f"{path}: the tokenizer has no chat template; PlainAlign renders every example with it")
+        raise ValueError(f"{path}: the tokenizer has no chat template; pass {CHAT_TEMPLATE_CHOICES}")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        was = "none" if tokenizer.pad_token is None else f"EOS {tokenizer.eos_token!r}"
+        pad = choose_pad_token(tokenizer, end_of_turn_ids(tokenizer, path))
+        if pad is not None:
+            tokenizer.pad_token = pad
+            notes.append(f"pad token {pad!r} (id {tokenizer.pad_token_id}, an unused special token; was {was})")
+        else:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+            notes.append(f"pad token {PAD_TOKEN!r} added (id {tokenizer.pad_token_id}; was {was})")
+    if notes:
+        _note(f"tokenizer {path}: " + "; ".join(notes) + f"; {len(tokenizer)} tokens")
     tokenizer.padding_side = padding_side
     return tokenizer
 
@@ -178,13 +325,38 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return int(changed)
 
 
-def load_causal_lm(path: str, device: torch.device, dtype: str = "auto", attn_implementation: str = "sdpa"):
+def grow_embeddings(model, vocab_size: int | None) -> None:
+    """Give the embeddings (and an untied LM head) `vocab_size` rows when `load_tokenizer` added tokens.
+
+    New rows start at the mean of the old ones: a new token's logit starts at an average value, not a random one,
+    and no random numbers are drawn (the run's random stream stays what it was). Never shrinks: checkpoints often
+    have more rows than the tokenizer has tokens (Qwen2.5: 151936 rows for 151665 tokens), and ids are unchanged.
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    if vocab_size is None or vocab_size <= rows:
+        return
+    with torch.random.fork_rng(devices=[]):  # resize initialises the new rows randomly before we overwrite them
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if layer is not None and layer.weight.shape[0] == vocab_size:
+                layer.weight[rows:] = layer.weight[:rows].mean(0)
+
+
+def load_causal_lm(
+    path: str,
+    device: torch.device,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    vocab_size: int | None = None,
+):
     """An `AutoModelForCausalLM` with dropout disabled (`disable_dropout`: every script needs a deterministic
-    forward in train mode)."""
+    forward in train mode), its embeddings grown to `vocab_size` (= len(tokenizer), see `grow_embeddings`)."""
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=_dtype(device, dtype), attn_implementation=attn_implementation
     )
     disable_dropout(model)
+    grow_embeddings(model, vocab_size)
     return model.to(device)
 
 
@@ -196,9 +368,10 @@ def load_sequence_classifier(
     attn_implementation: str = "sdpa",
     pad_token_id: int | None = None,
     init_head: bool = False,
+    vocab_size: int | None = None,
 ):
-    """An `AutoModelForSequenceClassification` (reward/value model), dropout disabled (`disable_dropout`); from a
-    causal LM the head is new.
+    """An `AutoModelForSequenceClassification` (reward/value model), dropout disabled (`disable_dropout`), its
+    embeddings grown to `vocab_size` (`grow_embeddings`); from a causal LM the head is new.
 
     `init_head` re-initialises the score head as N(0, 1/sqrt(H+1)) (the lm-human-preferences choice: the
     initial rewards have unit-ish variance whatever H is).
@@ -211,6 +384,7 @@ def load_sequence_classifier(
         path, dtype=_dtype(device, dtype), attn_implementation=attn_implementation, **kwargs
     )
     disable_dropout(model)
+    grow_embeddings(model, vocab_size)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if init_head:

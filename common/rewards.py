@@ -22,32 +22,39 @@ import importlib.util
 import math
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from common import data
+from common.generation import eos_set
 
 
-def reply_through_eos(response_ids: list[int], eos_id: int) -> list[int]:
-    """The reply up to and including its first EOS (all of it when there is none)."""
-    return response_ids[: response_ids.index(eos_id) + 1] if eos_id in response_ids else list(response_ids)
+def reply_through_eos(response_ids: list[int], eos_id: int | Iterable[int]) -> list[int]:
+    """The reply up to and including its first EOS, any of `eos_id` (all of it when there is none)."""
+    ends = eos_set(eos_id)
+    return response_ids[: next((i + 1 for i, t in enumerate(response_ids) if t in ends), len(response_ids))]
 
 
-def reward_model_tokens(prompt_ids: list[int], response_ids: list[int], eos_id: int) -> list[int]:
-    """The token ids a reward model scores for a prompt and a reply: prompt + reply through its first EOS."""
+def reward_model_tokens(prompt_ids: list[int], response_ids: list[int], eos_id: int | Iterable[int]) -> list[int]:
+    """The token ids a reward model scores for a prompt and a reply: prompt + reply through its first EOS (one id,
+    or several: `common.models.end_of_turn_ids`, as generation stops)."""
     return list(prompt_ids) + reply_through_eos(response_ids, eos_id)
 
 
-def conversation_reward_tokens(tokenizer, messages: list[dict], context: str = "conversation") -> list[int]:
-    """`reward_model_tokens` of a conversation whose last message is the assistant reply being scored."""
+def conversation_reward_tokens(
+    tokenizer, messages: list[dict], context: str = "conversation", eos_ids: list[int] | None = None
+) -> list[int]:
+    """`reward_model_tokens` of a conversation whose last message is the assistant reply being scored; `eos_ids`
+    default to the tokenizer's EOS."""
     if not messages or messages[-1]["role"] != "assistant":
         raise data.DataError(f"{context}: the last message must be the assistant reply to score")
     prompt = messages[:-1]
     prompt_ids = data.render(tokenizer, prompt, add_generation_prompt=True)
     reply = data.tokenize_response(tokenizer, prompt, prompt_ids, messages[-1]["content"], context)
-    return reward_model_tokens(prompt_ids, reply, tokenizer.eos_token_id)
+    return reward_model_tokens(prompt_ids, reply, eos_ids or tokenizer.eos_token_id)
 
 
 def score_sequences(model, sequences: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
@@ -61,7 +68,12 @@ def score_sequences(model, sequences: list[list[int]], pad_id: int, device: torc
 
 
 def score_replies(
-    model, prompts: list[list[int]], replies: list[list[int]], pad_id: int, eos_id: int, device: torch.device
+    model,
+    prompts: list[list[int]],
+    replies: list[list[int]],
+    pad_id: int,
+    eos_id: int | Iterable[int],
+    device: torch.device,
 ) -> torch.Tensor:
     """Scores (B, N) of generated replies (token ids) to prompts (token ids): what PPO, GRPO and rejection sampling
     read from a reward model, on exactly the tokens reward_model.py trains, evaluates and normalises on."""

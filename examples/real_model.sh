@@ -4,8 +4,9 @@
 #
 #   bash examples/real_model.sh [MODEL] [SFT_DATA] [PREFERENCE_DATA] [PROMPTS] [OUT]
 #
-# MODEL            a causal LM directory or hub id with a chat template and a pad token != EOS
-#                  (e.g. Qwen/Qwen2.5-1.5B-Instruct)
+# MODEL            a causal LM directory or hub id (e.g. Qwen/Qwen2.5-1.5B-Instruct); a base model without a chat
+#                  template needs `--chat-template chatml|llama3|plain|FILE` on the SFT line (later stages read
+#                  the template and the pad token that sft.py exports)
 # SFT_DATA         messages or prompt/completion rows (e.g. a jsonl export of HuggingFaceH4/ultrachat_200k)
 # PREFERENCE_DATA  prompt/chosen/rejected rows or Anthropic HH text (e.g. Anthropic/hh-rlhf)
 # PROMPTS          {"prompt": ...} rows (or SFT rows, whose prompt part is used)

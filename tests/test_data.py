@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 
@@ -59,6 +60,39 @@ def test_load_rows_rejects_non_object_line(tmp_path):
 def test_load_rows_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such data file"):
         data.load_rows(str(tmp_path / "nope.jsonl"))
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "json", "csv"])
+def test_gzipped_files_read_like_their_plain_forms(tmp_path, ext):
+    """`d.jsonl.gz` is read as jsonl, not taken for a hub name; a gzipped CSV keeps its cells as text ("3")."""
+    rows = [{"prompt": "What is 1 + 2?", "completion": "3"}, {"prompt": "Add 2 and 2.", "completion": "4"}]
+    plain = write(tmp_path, f"d.{ext}", rows)
+    packed = tmp_path / f"d.{ext}.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert data.load_rows(str(packed)) == rows
+
+
+def test_gzipped_jsonl_names_the_line(tmp_path):
+    """Line numbers are read through gzip: past a blank line, the bad row is line 4; an unparseable line is named;
+    a file that is not gzip, or is cut short, is an error naming it."""
+    path = tmp_path / "blank.jsonl.gz"
+    path.write_bytes(gzip.compress(("\n".join([GOOD, "", GOOD, BAD]) + "\n").encode()))
+    rows = data.load_rows(str(path))
+    assert rows.line_numbers == [1, 3, 4]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: row 4, field 'completion': missing$"):
+        data.parse_rows(rows, data.parse_sft, str(path))
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n'))
+    with pytest.raises(DataError, match=r"bad.jsonl.gz: row 2: unparseable JSON line"):
+        data.load_rows(str(bad))
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_text(GOOD + "\n")
+    with pytest.raises(DataError, match=r"fake.jsonl.gz: not a readable gzip file"):
+        data.load_rows(str(fake))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(("\n".join([GOOD] * 50) + "\n").encode())[:-12])
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: not a readable gzip file"):
+        data.load_rows(str(cut))
 
 
 # --- row numbers: the line of a jsonl file, also past blank lines (which datasets skips) and in a held-out tail ---
