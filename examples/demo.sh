@@ -29,7 +29,8 @@ stage sft python sft.py
 stage reward_model python reward_model.py
 stage ppo python ppo.py --eval-every 32
 stage grpo python grpo.py --eval-every 32
-stage grpo_rm python grpo.py --reward-model-path out/reward_model --output-dir out/grpo_rm
+# a learned reward needs a KL term (without one GRPO collapsed onto reward-model hacks: bench/results/grpo_experiments.md)
+stage grpo_rm python grpo.py --reward-model-path out/reward_model --kl-coef 0.15 --kl-in reward --kl-estimator k1 --output-dir out/grpo_rm
 stage dpo python dpo.py
 stage spin python spin.py
 stage steerlm python steerlm.py
