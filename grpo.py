@@ -360,6 +360,17 @@ def aggregate(token_losses: torch.Tensor, mask: torch.Tensor, loss_agg: str, nor
     raise ValueError(f"unknown --loss-agg {loss_agg!r}")
 
 
+@torch.no_grad()
+def no_grad_logprobs(model, queries, responses, pad_id: int, temperature: float, micro_batch_size: int, dist):
+    """fp32 log-probs (B, T) of sampled responses, micro-batch by micro-batch, without a graph (old / reference)."""
+    with autocast(dist):
+        return torch.cat([
+            response_logprobs(model, queries[s : s + micro_batch_size], responses[s : s + micro_batch_size], pad_id,
+                              temperature).float()
+            for s in range(0, len(queries), micro_batch_size)
+        ])  # fmt: skip
+
+
 def combine_rewards(per_source: torch.Tensor, weights: list[float]) -> torch.Tensor:
     """Weighted sum (B,) of rewards (B, S) from S sources; NaN (a function's None) counts as 0 for that source."""
     w = torch.tensor(weights, dtype=per_source.dtype, device=per_source.device)
@@ -599,31 +610,18 @@ if __name__ == "__main__":
         loss_mask = mask.float() * live[:, None]
         if args.mask_truncated:
             loss_mask = loss_mask * (~truncated)[:, None]
+        # the old log-probs need their own forward unless one epoch over one minibatch reuses the training forward's
+        # (detached); the KL in the reward needs them before the advantages, so then they are computed here anyway
         ref_logprobs = old_logprobs = None
-        with torch.no_grad(), autocast(dist):
-            if ref_policy is not None:
-                ref_logprobs = torch.cat([
-                    response_logprobs(ref_policy, queries[s : s + local_micro_batch_size],
-                                      responses[s : s + local_micro_batch_size], pad_id, args.temperature).float()
-                    for s in range(0, local_samples, local_micro_batch_size)
-                ])  # fmt: skip
-            if not reuse_logprobs:
-                old_logprobs = torch.cat([
-                    response_logprobs(policy, queries[s : s + local_micro_batch_size],
-                                      responses[s : s + local_micro_batch_size], pad_id, args.temperature).float()
-                    for s in range(0, local_samples, local_micro_batch_size)
-                ])  # fmt: skip
+        if ref_policy is not None:
+            ref_logprobs = no_grad_logprobs(ref_policy, queries, responses, pad_id, args.temperature,
+                                            local_micro_batch_size, dist)  # fmt: skip
+        if not reuse_logprobs or (ref_policy is not None and args.kl_in == "reward"):
+            old_logprobs = no_grad_logprobs(policy, queries, responses, pad_id, args.temperature,
+                                            local_micro_batch_size, dist)  # fmt: skip
         t_score = clock(dist) - t_score + reward_time
 
-        # 3. advantages (KL in the reward needs the sampling policy's log-probs: from the first training forward
-        # when they are reused, so for --kl-in reward with reused log-probs they are computed here instead)
-        if ref_policy is not None and args.kl_in == "reward" and old_logprobs is None:
-            with torch.no_grad(), autocast(dist):
-                old_logprobs = torch.cat([
-                    response_logprobs(policy, queries[s : s + local_micro_batch_size],
-                                      responses[s : s + local_micro_batch_size], pad_id, args.temperature).float()
-                    for s in range(0, local_samples, local_micro_batch_size)
-                ])  # fmt: skip
+        # 3. advantages
         token_kl_reward = None
         if ref_policy is not None and args.kl_in == "reward":
             token_kl_reward = kl_estimate(old_logprobs, ref_logprobs, args.kl_estimator) * mask  # (B, T)
