@@ -49,7 +49,6 @@ from typing import Literal
 
 import torch
 import tyro
-from transformers import AutoConfig
 
 from common import checkpoint, data, rewards
 from common.dist import autocast, cleanup, exact_div, init_distributed, sampling_generator, seed_everything, wrap_model
@@ -57,13 +56,14 @@ from common.generation import (
     clock,
     demo_eval,
     generate,
+    group_sample_keys,
     is_eos,
     paired_difference,
     response_logprobs,
-    sample_key,
     truncate_after_eos,
 )
-from common.models import end_of_turn_ids, load_causal_lm, load_sequence_classifier, load_tokenizer
+from common.models import end_of_turn_ids, load_causal_lm, load_tokenizer
+from common.rewards import combine_rewards
 from common.tracking import make_tracker
 from common.training import (
     NonFiniteLoss,
@@ -371,24 +371,9 @@ def no_grad_logprobs(model, queries, responses, pad_id: int, temperature: float,
         ])  # fmt: skip
 
 
-def combine_rewards(per_source: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """Weighted sum (B,) of rewards (B, S) from S sources; NaN (a function's None) counts as 0 for that source."""
-    w = torch.tensor(weights, dtype=per_source.dtype, device=per_source.device)
-    return (torch.nan_to_num(per_source, nan=0.0) * w).sum(-1)
-
-
 def evaluate(policy, tokenizer, dist, args: Args, per_prompt: bool = False) -> dict:
     """Ground truth on held-out demo prompts (greedy answers graded by the demo task's scorer)."""
     return demo_eval(policy, tokenizer, dist, args.demo_eval_prompts, args.response_length, per_prompt=per_prompt)
-
-
-def parse_prompt_row(row: dict, source: str, i: int) -> dict:
-    """A prompt row: the prompt as messages, the prompt field as given (what reward functions receive), and every
-    other field (the columns reward functions may read, e.g. `answer`)."""
-    parsed = data.parse_prompt(row, source, i)
-    given = row["prompt"] if row.get("prompt") is not None else parsed["prompt"]
-    columns = {k: v for k, v in row.items() if k not in ("prompt", "messages")}
-    return parsed | {"given": given, "columns": columns}
 
 
 if __name__ == "__main__":
@@ -419,21 +404,7 @@ if __name__ == "__main__":
     if args.overlong_buffer >= args.response_length:
         raise ValueError(f"--overlong-buffer {args.overlong_buffer} must be below --response-length")
 
-    # 1. rewards: functions and/or a reward model, with weights
-    reward_specs = list(args.reward_fn)
-    if not reward_specs and args.reward_model_path is None:
-        if args.data != "demo":
-            raise ValueError("no reward: pass --reward-fn module:function and/or --reward-model-path")
-        reward_specs = ["demo"]
-    reward_fns = [rewards.load_reward_fn(spec) for spec in reward_specs]
-    reward_names = [name for name, _ in reward_fns] + (["reward_model"] if args.reward_model_path else [])
-    if len(set(reward_names)) != len(reward_names):
-        raise ValueError(f"two rewards share a name {reward_names}: metrics reward/<name> would collide")
-    weights = list(args.reward_weights) or [1.0] * len(reward_names)
-    if len(weights) != len(reward_names):
-        raise ValueError(f"--reward-weights: {len(weights)} weights for {len(reward_names)} rewards {reward_names}")
-
-    # 2. models: the policy (trained); the reference only with a KL term; the reward model if asked for
+    # 1. models: the policy (trained); the reference only with a KL term
     tokenizer = load_tokenizer(args.model_path, padding_side="left", chat_template=args.chat_template)
     pad_id, eos_ids = tokenizer.pad_token_id, end_of_turn_ids(tokenizer, args.model_path)  # Llama-3 Instruct: two
     vocab = len(tokenizer)  # load_tokenizer may have added a pad or template tokens: the embeddings grow to match
@@ -445,20 +416,15 @@ if __name__ == "__main__":
             load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=vocab),
             dist, trainable=False,
         )  # fmt: skip
-    reward_model, score_mean, score_std = None, None, None
-    if args.reward_model_path:
-        rm_config = AutoConfig.from_pretrained(args.reward_model_path)
-        if rm_config.num_labels != 1:
-            raise ValueError(f"{args.reward_model_path}: a reward model with {rm_config.num_labels} outputs; need 1")
-        reward_model = wrap_model(load_sequence_classifier(args.reward_model_path, dist.device, 1,
-                                                           attn_implementation=args.attn_implementation,
-                                                           pad_token_id=pad_id, vocab_size=vocab), dist, trainable=False)  # fmt: skip
-        if args.normalize_reward:
-            score_mean, score_std = getattr(rm_config, "score_mean", None), getattr(rm_config, "score_std", None)
+
+    # 2. rewards: functions and/or a reward model, with weights (common.rewards: as every online script scores)
+    sources = rewards.RewardSources(args.reward_fn, args.reward_model_path, args.reward_weights, args.data,
+                                    args.normalize_reward, dist, pad_id, vocab, args.attn_implementation)  # fmt: skip
+    weights = sources.weights
 
     # 3. prompts (with their other columns, for the reward functions): errors name file, row and field
     data_path = data.resolve_data_path(args.data, "prompts", dist)
-    parsed = data.parse_rows(data.load_rows(data_path), parse_prompt_row, data_path, args.skip_bad_rows)
+    parsed = data.parse_rows(data.load_rows(data_path), data.parse_prompt_row, data_path, args.skip_bad_rows)
     prompts = data.tokenize_all(
         parsed.records,
         lambda r, c: r | {"ids": data.tokenize_prompt(tokenizer, r["prompt"], args.max_prompt_len, c)},
@@ -484,8 +450,8 @@ if __name__ == "__main__":
         f"world_size={dist.world_size} rollout_batch_size={rollout_batch_size} prompts x {G} samples "
         f"local_mini_batch_size={local_mini_batch_size} local_micro_batch_size={local_micro_batch_size} "
         f"num_updates={num_updates} prompts={len(prompts.records)} skipped_rows={parsed.skipped + prompts.skipped} "
-        f"rewards={dict(zip(reward_names, weights))} reference={'loaded' if ref_policy is not None else 'none (kl_coef 0)'} "
-        f"reward_norm={(score_mean, score_std)} old_logprobs={'reused' if reuse_logprobs else 'forward'} "
+        f"{sources.describe()} reference={'loaded' if ref_policy is not None else 'none (kl_coef 0)'} "
+        f"old_logprobs={'reused' if reuse_logprobs else 'forward'} "
         f"start_update={start_update}"
     )
 
@@ -503,35 +469,18 @@ if __name__ == "__main__":
         records = [prompts.records[i] for i in idx]
         query_list = [r["ids"] for r in records for _ in range(G)]  # a group's samples are consecutive rows
         # randomness keyed by (seed, update, round, position in the global batch, sample): any number of ranks
-        keys = [sample_key(args.seed, update, round_, dist.rank * len(idx) + k, g) for k in range(len(idx))
-                for g in range(G)]  # fmt: skip
+        keys = group_sample_keys(args.seed, update, round_, dist.rank * len(idx), len(idx), G)
         try:
             response_list = generate(policy, query_list, pad_id=pad_id, eos_id=eos_ids, max_new_tokens=args.response_length,
                                      dist=dist, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      sample_keys=keys)  # fmt: skip
         except FloatingPointError as e:  # a NaN policy cannot even sample: stop, naming the update
             raise NonFiniteLoss(f"non-finite logits at update {update} (rollout): {e}") from e
-        t0 = clock(dist)
         completions = tokenizer.batch_decode(response_list, skip_special_tokens=True)
-        given = [r["given"] for r in records for _ in range(G)]
-        columns = {k: [r["columns"].get(k) for r in records for _ in range(G)] for k in records[0]["columns"]}
-        per_source = []
-        for name, fn in reward_fns:
-            values = rewards.call_reward_fn(name, fn, given, completions, columns, update)
-            per_source.append([float("nan") if v is None else v for v in values])
-        per_source = torch.tensor(per_source, dtype=torch.float32, device=dist.device).T.reshape(len(query_list), -1)
-        if reward_model is not None:
-            with torch.no_grad(), autocast(dist):
-                rm = torch.cat([
-                    rewards.score_replies(reward_model, query_list[s : s + local_micro_batch_size],
-                                          response_list[s : s + local_micro_batch_size], pad_id, eos_ids, dist.device)[:, 0]
-                    for s in range(0, len(query_list), local_micro_batch_size)
-                ])  # fmt: skip
-            if score_mean is not None and score_std:
-                rm = (rm - score_mean) / score_std
-            per_source = torch.cat([per_source, rm[:, None]], dim=1)
+        per_source, reward_time = sources.score(records, G, completions, query_list, response_list, eos_ids, update,
+                                                local_micro_batch_size, dist)  # fmt: skip
         return {"records": records, "queries": query_list, "responses": response_list, "completions": completions,
-                "per_source": per_source, "reward_time": clock(dist) - t0}  # fmt: skip
+                "per_source": per_source, "reward_time": reward_time}  # fmt: skip
 
     demo_eval_on = args.demo_eval_prompts > 0 and args.data == "demo"
     if demo_eval_on and not args.resume:
@@ -686,23 +635,17 @@ if __name__ == "__main__":
 
         # 5. log (metrics reduced over ranks once per update)
         if (update + 1) % args.log_every == 0 or update + 1 == num_updates:
-            per_source = batch["per_source"]
-            present = ~torch.isnan(per_source)
-            sums = torch.cat([
-                torch.stack([scores.sum(), (scores * scores).sum(), kl_seq_sum, entropy_sum, mask.sum(),
-                             truncated.float().sum(), torch.tensor(float(filled * G), device=dist.device)]).double(),
-                torch.nan_to_num(per_source, nan=0.0).sum(0).double(), present.sum(0).double(),
-            ])  # fmt: skip
+            sums = torch.stack([scores.sum(), (scores * scores).sum(), kl_seq_sum, entropy_sum, mask.sum(),
+                                truncated.float().sum(), torch.tensor(float(filled * G), device=dist.device)]).double()  # fmt: skip
             dist.all_reduce(sums)
             dist.all_reduce(stats)
             n = rollout_batch_size * G
-            S = len(reward_names)
             mean = sums[0].item() / n
             final_kl = sums[2].item() / n
             metrics = {
                 "reward/mean": mean,
                 "reward/std": max(sums[1].item() / n - mean**2, 0.0) ** 0.5,
-                **{f"reward/{name}": sums[7 + s].item() / max(sums[7 + S + s].item(), 1) for s, name in enumerate(reward_names)},
+                **sources.means(batch["per_source"], dist),
                 "objective/entropy": sums[3].item() / max(sums[4].item(), 1),
                 "grpo/loss": stats[0].item() / max(stats[4].item(), 1),
                 "grpo/clipfrac_low": stats[1].item() / max(stats[3].item(), 1),

@@ -366,6 +366,16 @@ def parse_prompt(row: dict, source: str, i: int) -> dict:
     raise DataError(f"{where(source, i, 'prompt')}: missing")
 
 
+def parse_prompt_row(row: dict, source: str, i: int) -> dict:
+    """A prompt row for online RL (grpo.py, rejection_sampling.py): the prompt as messages, the prompt field as
+    given (what reward functions receive), and every other field (the columns reward functions may read, e.g. an
+    `answer`)."""
+    parsed = parse_prompt(row, source, i)
+    given = row["prompt"] if row.get("prompt") is not None else parsed["prompt"]
+    columns = {k: v for k, v in row.items() if k not in ("prompt", "messages")}
+    return parsed | {"given": given, "columns": columns}
+
+
 def parse_kto(row: dict, source: str, i: int) -> dict:
     """{"prompt", "completion", "label": bool} -> {"prompt": messages, "completion": str, "label": bool}."""
     for key in ("prompt", "completion", "label"):

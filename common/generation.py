@@ -50,6 +50,17 @@ def sample_key(*parts: int) -> int:
     return int(h)
 
 
+def group_sample_keys(
+    seed: int, update: int, round_: int, first_position: int, num_prompts: int, group_size: int
+) -> list[int]:
+    """Sampling keys of `num_prompts` prompts x `group_size` samples (a prompt's samples consecutive), keyed by
+    (seed, update, round, the prompt's position in the global batch, sample index): the same samples on any number
+    of ranks (a rank's first prompt sits at `first_position`). grpo.py and rejection_sampling.py sample this way."""
+    return [
+        sample_key(seed, update, round_, first_position + k, g) for k in range(num_prompts) for g in range(group_size)
+    ]
+
+
 def keyed_uniform(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """(B, V) uniforms in (0, 1) that depend only on (key, step, token id): counter-based randomness.
 

@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 
 from common import data
-from common.generation import eos_set
+from common.dist import autocast, wrap_model
+from common.generation import clock, eos_set
 
 
 def reply_through_eos(response_ids: list[int], eos_id: int | Iterable[int]) -> list[int]:
@@ -164,3 +165,101 @@ def call_reward_fn(
             )
         checked.append(float(value))
     return checked
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every reward of a run, with its weight (grpo.py and rejection_sampling.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def combine_rewards(per_source: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Weighted sum (B,) of rewards (B, S) from S sources; NaN (a function's None) counts as 0 for that source."""
+    w = torch.tensor(weights, dtype=per_source.dtype, device=per_source.device)
+    return (torch.nan_to_num(per_source, nan=0.0) * w).sum(-1)
+
+
+class RewardSources:
+    """The rewards of an online run: `--reward-fn` callables and/or a reward model, with `--reward-weights`.
+
+    Built from the flags every online script shares (grpo.py, rejection_sampling.py): the demo task's grader when
+    the data are the demo's and nothing else is given; each function named in metrics as `reward/<name>`; the reward
+    model scored on prompt + reply through EOS (`score_replies`) and, with `normalize`, standardised by the
+    score_mean / score_std that reward_model.py stored in its config.
+    """
+
+    def __init__(self, reward_fn, reward_model_path, reward_weights, data_name: str, normalize: bool, dist,
+                 pad_id: int, vocab_size: int, attn_implementation: str = "sdpa"):  # fmt: skip
+        from transformers import AutoConfig
+
+        from common.models import load_sequence_classifier
+
+        specs = list(reward_fn)
+        if not specs and reward_model_path is None:
+            if data_name != "demo":
+                raise ValueError("no reward: pass --reward-fn module:function and/or --reward-model-path")
+            specs = ["demo"]
+        self.fns = [load_reward_fn(spec) for spec in specs]
+        self.names = [name for name, _ in self.fns] + (["reward_model"] if reward_model_path else [])
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"two rewards share a name {self.names}: metrics reward/<name> would collide")
+        self.weights = list(reward_weights) or [1.0] * len(self.names)
+        if len(self.weights) != len(self.names):
+            raise ValueError(
+                f"--reward-weights: {len(self.weights)} weights for {len(self.names)} rewards {self.names}"
+            )
+        self.model, self.score_mean, self.score_std, self.pad_id = None, None, None, pad_id
+        if reward_model_path:
+            config = AutoConfig.from_pretrained(reward_model_path)
+            if config.num_labels != 1:
+                raise ValueError(f"{reward_model_path}: a reward model with {config.num_labels} outputs; need 1")
+            model = load_sequence_classifier(reward_model_path, dist.device, 1, attn_implementation=attn_implementation,
+                                             pad_token_id=pad_id, vocab_size=vocab_size)  # fmt: skip
+            self.model = wrap_model(model, dist, trainable=False)
+            if normalize:
+                self.score_mean = getattr(config, "score_mean", None)
+                self.score_std = getattr(config, "score_std", None)
+
+    def describe(self) -> str:
+        norm = f", reward model normalised by ({self.score_mean}, {self.score_std})" if self.score_std else ""
+        return f"rewards={dict(zip(self.names, self.weights))}{norm}"
+
+    def score(self, records: list[dict], group_size: int, completions: list[str], queries: list[list[int]],
+              responses: list[list[int]], eos_ids, update: int, micro_batch_size: int, dist) -> tuple[torch.Tensor, float]:  # fmt: skip
+        """Every source's reward (B, S) of B = prompts x group_size samples (NaN where a function gave None), and the
+        seconds it took.
+
+        `records` from `data.parse_prompt_row` (a prompt's samples are consecutive): functions receive the prompt as
+        the dataset gave it, the decoded `completions` and the row's other fields; the reward model scores the token
+        ids `queries` + `responses` through EOS.
+        """
+        t0 = clock(dist)
+        prompts = [r["given"] for r in records for _ in range(group_size)]
+        columns = {k: [r["columns"].get(k) for r in records for _ in range(group_size)] for k in records[0]["columns"]}
+        per_source = []
+        for name, fn in self.fns:
+            values = call_reward_fn(name, fn, prompts, completions, columns, update)
+            per_source.append([float("nan") if v is None else v for v in values])
+        out = torch.tensor(per_source, dtype=torch.float32, device=dist.device).T.reshape(len(queries), -1)
+        if self.model is not None:
+            with torch.no_grad(), autocast(dist):
+                rm = torch.cat([
+                    score_replies(self.model, queries[s : s + micro_batch_size], responses[s : s + micro_batch_size],
+                                  self.pad_id, eos_ids, dist.device)[:, 0]
+                    for s in range(0, len(queries), micro_batch_size)
+                ])  # fmt: skip
+            if self.score_mean is not None and self.score_std:
+                rm = (rm - self.score_mean) / self.score_std
+            out = torch.cat([out, rm[:, None].float()], dim=1)
+        return out, clock(dist) - t0
+
+    def combine(self, per_source: torch.Tensor) -> torch.Tensor:
+        """The weighted total reward (B,) of `score`'s per-source rewards."""
+        return combine_rewards(per_source, self.weights)
+
+    def means(self, per_source: torch.Tensor, dist) -> dict:
+        """`reward/<name>`: each source's mean over the samples it rewarded, over all ranks."""
+        present = ~torch.isnan(per_source)
+        sums = torch.cat([torch.nan_to_num(per_source, nan=0.0).sum(0), present.sum(0)]).double()
+        dist.all_reduce(sums)
+        S = len(self.names)
+        return {f"reward/{name}": sums[s].item() / max(sums[S + s].item(), 1) for s, name in enumerate(self.names)}

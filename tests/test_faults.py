@@ -1,6 +1,7 @@
 """What every training script must survive (issue: "the fault tests every script must pass").
 
-For each of sft, reward_model, dpo, ppo, grpo, steerlm (train) and spin, on a tiny CPU run at a fixed seed:
+For each of sft, reward_model, dpo, ppo, grpo, rejection_sampling, steerlm (train) and spin, on a tiny CPU run at
+a fixed seed:
   - kill -9 once metrics are logged past the last checkpoint, then `--resume`: the continued run starts at the
     checkpoint's step and logs the same losses as an uninterrupted one (fp32; the losses after the checkpoint are
     recomputed, not lost or doubled); for PPO with --adaptive-kl also the KL coefficient;
@@ -109,6 +110,11 @@ def spec(name: str, f: dict, model: str | None = None) -> tuple[list[str], tuple
                 "--total-episodes", "40", "--local-rollout-batch-size", "4", "--num-generations", "4",
                 "--response-length", "10", "--learning-rate", "1e-3", "--demo-eval-prompts", "0", "--sample-every", "0",
                 "--log-every", "1"], ("grpo/loss",)  # fmt: skip
+    if name == "rejection_sampling":
+        return ["rejection_sampling.py", "--model-path", model, "--data", f["prompts"], "--reward-fn",
+                f["length_reward"], "--total-episodes", "40", "--local-rollout-batch-size", "4", "--num-rollouts", "4",
+                "--top-n", "2", "--keep-truncated", "--response-length", "10", "--learning-rate", "1e-3",
+                "--demo-eval-prompts", "0", "--sample-every", "0", "--log-every", "1"], ("rs/loss",)  # fmt: skip
     if name == "spin":
         return ["spin.py", "--model-path", model, "--data", f["sft"], "--iterations", "1", "--num-prompts", "80",
                 "--max-new-tokens", "10", "--local-micro-batch-size", "8", "--eval-size", "16",
@@ -116,7 +122,7 @@ def spec(name: str, f: dict, model: str | None = None) -> tuple[list[str], tuple
     raise ValueError(name)
 
 
-SCRIPTS = ["sft", "reward_model", "dpo", "ppo", "grpo", "steerlm", "spin"]
+SCRIPTS = ["sft", "reward_model", "dpo", "ppo", "grpo", "rejection_sampling", "steerlm", "spin"]
 
 
 def log_rows(out) -> list[dict]:
@@ -305,8 +311,9 @@ def test_ppo_nonfinite_loss(files, nan_model, tmp_path):
     assert proc.returncode != 0 and "non-finite logits at step 0 (rollout)" in proc.stderr
 
 
-def test_grpo_nonfinite_policy(files, nan_model, tmp_path):
-    """GRPO with a NaN policy: the first update stops with its number (a NaN policy cannot sample)."""
-    cmd, _ = spec("grpo", files, model=nan_model)
+@pytest.mark.parametrize("name", ["grpo", "rejection_sampling"])
+def test_online_nonfinite_policy(name, files, nan_model, tmp_path):
+    """GRPO / rejection sampling with a NaN policy: the first update stops with its number (it cannot sample)."""
+    cmd, _ = spec(name, files, model=nan_model)
     proc = run_script(*cmd, "--output-dir", str(tmp_path / "stop"), check=False)
     assert proc.returncode != 0 and "non-finite logits at update 0 (rollout)" in proc.stderr
