@@ -1,4 +1,14 @@
-"""Shared fixtures: the demo tokenizer and tiny model built once per session, and a script runner."""
+"""Shared fixtures: the demo tokenizer and tiny model built once per session, a script runner, and the CPU pin.
+
+CPU pin: the suite's numbers (golden losses, 1e-5 parity, 2-process torchrun runs) are CPU fp32 numbers, while the
+scripts pick CUDA (and bf16) whenever `torch.cuda.is_available()`. So on a machine with a GPU:
+- every subprocess (`script_env`, hence `run_script`) gets CUDA_VISIBLE_DEVICES="" and sees no GPU, so two
+  torchrun processes never share one GPU and a script runs exactly as on a CPU-only machine;
+- every in-process test not marked `gpu` sees `torch.cuda.is_available() == False` (`cpu_unless_marked_gpu`),
+  so code that chooses its device (`common.dist.init_distributed`) chooses the CPU;
+- tests marked `gpu` see CUDA as it is, use it explicitly, and are skipped where there is none.
+tests/test_devices.py checks all three with a faked CUDA, so that they are checked on CPU-only machines too.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +30,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skipped without it (the marker's meaning in pyproject.toml)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs CUDA")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """Tests not marked `gpu` run as on a CPU-only machine: torch reports no CUDA to the code they call."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def demo_base(tmp_path_factory) -> Path:
     """The demo tokenizer + randomly initialised tiny Llama, as an HF directory."""
@@ -36,14 +63,16 @@ def tokenizer(demo_base):
 
 
 def script_env() -> dict:
+    """The environment of every script a test runs: one thread, offline, default kernels, and no GPU (see above)."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    env["CUDA_VISIBLE_DEVICES"] = ""  # an empty list hides every GPU from the CUDA runtime: the scripts pick the CPU
     env.pop("PLAINALIGN_KERNEL_BACKEND", None)
     return env
 
 
 def run_script(script: str, *args: str, nproc: int = 1, timeout: int = 600, check: bool = True):
-    """Run a top-level script as a user would (`python x.py` or `torchrun`), from the repository root."""
+    """Run a top-level script as a user would (`python x.py` or `torchrun`), from the repository root, on the CPU."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script]
     else:

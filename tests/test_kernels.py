@@ -2,7 +2,12 @@
 
 Without CUDA the Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set in conftest.py, before any
 test module imports triton); with CUDA they are compiled and run on the GPU, and the GPU-scale tests at the end run too.
-The PyTorch path is run with a tiny chunk budget so that every case spans several chunks, one of them partial.
+Shapes are chosen relative to the vocabulary tile the kernels use on that device (`_common.triton_block_v`: 512
+interpreted, 4096 compiled), so that on both the vocabulary spans three tiles with a partial last one, and the
+`extreme` case masks a whole first tile, puts tied maxima in one tile and across tiles, and masks the valid part of
+the last tile. The PyTorch path is run with a tiny chunk budget so that every case spans several chunks, one of them
+partial. Forward tolerances are per row (one row's huge logits must not loosen the check of the others).
+Tests that run Triton on a GPU are marked `gpu` (conftest.py: only those see CUDA in-process).
 """
 
 import importlib
@@ -32,10 +37,21 @@ from_hidden_module = importlib.import_module("kernels.selective_logprob_from_hid
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 CUDA = torch.cuda.is_available()
-BACKENDS = ["torch"] + (["triton"] if kernels.HAS_TRITON else [])
 DEVICE = {"torch": "cpu", "triton": "cuda" if CUDA else "cpu"}
+# On a GPU the Triton cases use CUDA in this process: marked `gpu`, which conftest.py leaves CUDA visible to.
+GPU_MARKS = [pytest.mark.gpu] if CUDA else []
+BACKENDS = ["torch"] + ([pytest.param("triton", marks=GPU_MARKS)] if kernels.HAS_TRITON else [])
+
+
+def on_gpu(test):
+    return pytest.mark.gpu(test) if CUDA else test
+
+
 DTYPES = [torch.float32, torch.bfloat16]
-N, V, V_SMALL, H = 41, 1271, 100, 401  # V spans 3 interpreter tiles (512), the last partial; V_SMALL < one tile
+# The vocabulary tile of the Triton kernels on the device they run on here (the cap of triton_block_v).
+TILE = _common.triton_block_v(1 << 20, torch.device(DEVICE["triton"])) if kernels.HAS_TRITON else 512
+# V: three tiles, the last one partial (247 of TILE columns; V = 1271 interpreted); V_SMALL: less than one tile.
+N, V, V_SMALL, H = 41, 2 * TILE + 247, 100, 401
 EPS32 = torch.finfo(torch.float32).eps
 
 # Forward math is fp32 on the same input values whatever their dtype, so values match the fp32 reference
@@ -50,30 +66,39 @@ def small_chunks(monkeypatch):
 
 
 def assert_close(actual, expected, atol, rtol, what):
-    """torch.isclose everywhere (equal infinities match, NaN never does); reports max diff and first bad index."""
+    """|actual - expected| <= atol + rtol |expected| everywhere, as torch.isclose (equal infinities match, NaN
+    never does); atol may be a tensor that broadcasts against them (a per-row tolerance). Reports the number of
+    elements off, the max diff and the first bad index with its tolerance."""
     actual = actual.detach().float().cpu()
     expected = expected.detach().float().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    ok = torch.isclose(actual, expected, rtol=rtol, atol=atol)
+    atol = torch.as_tensor(atol, dtype=torch.float32).cpu().expand_as(expected)
+    ok = (actual == expected) | ((actual - expected).abs() <= atol + rtol * expected.abs())
     if not ok.all():
         diff = torch.where(ok, 0.0, (actual - expected).abs().nan_to_num(nan=float("inf")))
         first = tuple((~ok).nonzero()[0].tolist())
         raise AssertionError(
             f"{what}: {int((~ok).sum())}/{ok.numel()} elements off; max abs diff {diff.max().item():.3e}; "
             f"first bad index {first}: got {actual[first].item()!r}, expected {expected[first].item()!r} "
-            f"(atol={atol:.1e}, rtol={rtol:.1e})"
+            f"(atol={atol[first].item():.1e}, rtol={rtol:.1e})"
         )
 
 
+def row_absmax(x):
+    """max |x| over the last dimension's finite entries (...), fp32; 0 for a row with none."""
+    return x.detach().abs().nan_to_num(nan=0.0, posinf=0.0).amax(-1).float()
+
+
 def fwd_atol(logits, temperature):
-    """fp32 rounding of z = x / T: the absolute error any fp32 log-softmax carries at this logit magnitude."""
-    finite = logits.float()[torch.isfinite(logits.float())]
-    return 1e-5 + 16 * EPS32 * finite.abs().max().item() / temperature
+    """Per row (...): fp32 rounding of z = x / T, the absolute error any fp32 log-softmax of that row carries at
+    the row's logit magnitude. Per row, not per tensor: one row of 1e4 logits must not allow 2e-2 everywhere."""
+    return 1e-5 + 16 * EPS32 * row_absmax(logits) / temperature
 
 
 def grad_tols(expected, dtype):
-    """Gradients like p (log p - log q - KL) cancel terms of the size of the log-probs, so fp32 rounding shows
-    up relative to the largest gradient, not to each element."""
+    """Gradients like p (log p - log q - KL) or g (onehot - p) cancel terms of the size of the log-probs or of the
+    upstream gradient, so fp32 rounding shows up relative to the largest gradient, not to each element (nor to
+    each row: a row with p ~ onehot has gradients ~0 made of differences of O(1) terms)."""
     scale = expected.detach().float().abs().max().item()
     return 5e-5 * scale + 1e-7, GRAD_RTOL[dtype]
 
@@ -97,21 +122,34 @@ def make_logits(case, dtype, device, seed=0):
         x = (torch.randn(V, 2, N, generator=g) * 3)[:, 1].T
         labels = torch.randint(0, V, (N,), generator=g)
         temperature = 0.5
-    elif case == "extreme":
+    elif case == "extreme":  # rows 0, 5, 10, ... have label -100; the rows below that matter have labels
+        inf, T = float("inf"), TILE
         x = torch.randn(N, V, generator=g) * 3
-        x[0, ::7] = float("-inf")  # masked entries, including one under a label below
-        x[1, :600] = float("-inf")  # the whole first tile masked
-        x[2, 5] = 1e4
-        x[3, 9] = -1e4
-        x[4, 100], x[4, 900] = 1e4, -1e4
-        x[5, 1000:] = 60.0  # many tied maxima in the last (partial) tile
         labels = torch.randint(0, V, (N,), generator=g)
-        labels[0] = 14  # a masked entry: log p = -inf, on both paths
-        labels[2] = 5
+        labels[::5] = -100
+        x[1, ::7] = -inf  # masked entries, one under the label: log p = -inf on both paths
+        labels[1] = 14
+        x[2, :T] = -inf  # the whole first tile masked: the online max starts from a tile of -inf
+        labels[2] = T  # the first finite entry
+        x[3, : T + 100] = -inf  # the first tile and part of the second
+        x[4, 5] = 1e4  # huge logits: 2e-2 of rounding in this row only (the tolerance is per row)
+        labels[4] = 5
+        x[6, 9], x[6, T + 9] = -1e4, 1e4
+        x[7, 2 * T :] = 60.0  # every valid entry of the partial last tile tied at the maximum
+        labels[7] = V - 1
+        x[8, [3, T + 3, 2 * T + 3]] = 50.0  # tied maxima in each of the three tiles
+        labels[8] = T + 3
+        x[9, T - 1], x[9, T] = 40.0, 40.0  # a tie across a tile boundary
+        x[11, 2 * T :] = -inf  # the partial last tile entirely masked
+        x[12] = 3.0  # every entry tied: uniform, log p = -log V, H = log V
+        x[13, :T] = -inf  # first tile masked and the maximum in the partial last tile
+        x[13, V - 2] = 30.0
+        labels[13] = V - 2
         temperature = 0.9
     else:
         raise ValueError(case)
-    labels[..., ::5] = -100
+    if case != "extreme":
+        labels[..., ::5] = -100
     return x.to(dtype).to(device), labels.to(device), temperature
 
 
@@ -184,6 +222,23 @@ def test_selective_logprob_fp16(backend):
     assert_close(x_ours.grad, x_ref.grad, *grad_tols(x_ref.grad, torch.float16), "grad logits fp16")
 
 
+def test_forward_tolerance_is_per_row():
+    """The extreme case's rows of 1e4 logits must not loosen the check of the others: an error of 1e-3 in a row of
+    ordinary logits fails, though it is far inside what a whole-tensor tolerance (2e-2 here) would allow."""
+    x, labels, temperature = make_logits("extreme", torch.float32, "cpu")
+    logp = selective_logprob_reference(x, labels, temperature)
+    atol = fwd_atol(x, temperature)
+    assert atol[4] > 1e-2 and atol[6] > 1e-2 and atol[14] < 1e-4  # row 14: randn * 3, a label
+    wrong = logp.clone()
+    wrong[14] += 1e-3
+    with pytest.raises(AssertionError, match=r"logp: 1/41 elements off.* first bad index \(14,\)"):
+        assert_close(wrong, logp, atol, 1e-5, "logp")
+    wrong = logp.clone()
+    wrong[4] += 1e-3  # within that row's own rounding
+    assert_close(wrong, logp, atol, 1e-5, "logp")
+
+
+@on_gpu
 def test_selective_logprob_bad_labels():
     x, labels, _ = make_logits("small_vocab", torch.float32, "cpu")
     with pytest.raises(ValueError, match="labels have shape"):
@@ -299,7 +354,7 @@ def test_full_kl(backend, dtype, case):
     kl = full_kl(a_ours, b_ours, temperature, backend=backend)
     kl_ref = full_kl_reference(a_ref, b_ref, temperature)
     assert kl.dtype == torch.float32 and kl.shape == a.shape[:-1]
-    assert_close(kl, kl_ref, fwd_atol(torch.cat([a.flatten(), b.flatten()]), temperature), 1e-5, "kl")
+    assert_close(kl, kl_ref, torch.maximum(fwd_atol(a, temperature), fwd_atol(b, temperature)), 1e-5, "kl")
 
     g_kl = torch.randn(kl.shape, generator=torch.Generator().manual_seed(8)).to(a.device)
     (kl * g_kl).sum().backward()
@@ -364,6 +419,7 @@ def test_kl_estimate_monte_carlo():
 # ---------------------------------------------------------------------------------------------------- dispatch
 
 
+@on_gpu
 def test_backend_choice(monkeypatch):
     x = torch.zeros(2, 3)
     monkeypatch.delenv(_common.BACKEND_ENV, raising=False)
@@ -454,7 +510,7 @@ def test_selective_logprob_gpu_scale():
     ref, (grad_ref,) = chunked_reference_grads(
         lambda rows, xc: selective_logprob_reference(xc, labels[rows], 0.9), [x], upstream
     )
-    assert_close(logp, ref, fwd_atol(x[:1024], 0.9), 1e-5, "logp")
+    assert_close(logp, ref, fwd_atol(x, 0.9), 1e-5, "logp")
     assert_close(x.grad, grad_ref, *grad_tols(grad_ref, torch.bfloat16), "grad logits")
 
 
