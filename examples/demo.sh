@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the built-in demo task (behind `make demo`): SFT -> reward model -> PPO, GRPO (demo grader;
-# reward model), DPO, SPIN,
-# SteerLM, then one table grading every model the same way (examples/results.py). Every stage uses its
-# defaults, which point at the demo task and at the previous stage's output; seeds are fixed.
+# reward model), rejection sampling, DPO, SPIN, SteerLM, then one table grading every model the same way
+# (examples/results.py). Every stage uses its defaults, which point at the demo task and at the previous stage's output; seeds are fixed.
 # Run from the repository root with the project's Python on PATH (`make demo` does both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +30,7 @@ stage ppo python ppo.py --eval-every 32
 stage grpo python grpo.py --eval-every 32
 # a learned reward needs a KL term (without one GRPO collapsed onto reward-model hacks: bench/results/grpo_experiments.md)
 stage grpo_rm python grpo.py --reward-model-path out/reward_model --kl-coef 0.15 --kl-in reward --kl-estimator k1 --output-dir out/grpo_rm
+stage rejection_sampling python rejection_sampling.py
 stage dpo python dpo.py
 stage spin python spin.py
 stage steerlm python steerlm.py

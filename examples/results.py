@@ -35,6 +35,7 @@ STAGES = [
     ("PPO", "out/ppo", {}),
     ("GRPO (demo grader reward)", "out/grpo", {}),
     ("GRPO (reward-model reward)", "out/grpo_rm", {}),
+    ("Rejection sampling (demo grader reward)", "out/rejection_sampling", {}),
     ("DPO", "out/dpo", {}),
     ("SPIN", "out/spin", {}),
     (
