@@ -337,6 +337,29 @@ def tokenize_example(tokenizer, record: dict, order: list[str], mode: str, max_l
     )
 
 
+def parse_request_row(row: dict, source: str, i: int, default: dict, order: list[str]) -> tuple:
+    """A `generate --prompts-file` row -> (prompt as given, messages, attribute string); its "attributes" ({...} or
+    "name:v,...") override `default`. Errors name file, row and field."""
+    prompt = data.parse_prompt(row, source, i)["prompt"]
+    where = data.where(source, i, "attributes")
+    values = row.get("attributes") or {}
+    try:
+        values = parse_attributes_string(values) if isinstance(values, str) else values
+    except ValueError as e:
+        raise data.DataError(f"{where}: {e}") from None
+    if not isinstance(values, dict):
+        raise data.DataError(f"{where}: expected an object or a 'name:value,...' string, got {type(values).__name__}")
+    values = {k: v for k, v in values.items() if v is not None}  # datasets fills absent keys with None
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise data.DataError(f"{where}: {name!r} is not a number ({type(value).__name__})")
+    try:
+        attributes = format_attributes(default | values, order)
+    except KeyError as e:
+        raise data.DataError(f"{where}: {e.args[0]}") from None
+    return row.get("prompt") or row.get("messages"), prompt, attributes
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Labelling: guiding signals from a model or from rules
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,88 +413,19 @@ def pad_to_multiple(items: list, k: int) -> list:
     return items + items[-1:] * (-len(items) % k)
 
 
-def label_stage(args, dist, output_file: str) -> Path:
-    """Annotate every SFT row of args.data and write attribute rows to `output_file` (rank 0, atomically)."""
-    say = print if dist.is_main else (lambda *a, **k: None)
-    t0 = time.time()
-
-    # 1. read and check every row (errors name file, row and field)
-    data_path = data.resolve_data_path(args.data, "sft", dist)
-    parsed = data.parse_rows(data.load_rows(data_path), data.parse_sft, data_path, args.skip_bad_rows)
-    records = [{"messages": with_attributes(r["messages"], "", "template"), "row": r["row"]} for r in parsed.records]
-    n = len(records)
-    local = dist.shard(pad_to_multiple(records, dist.world_size))  # contiguous slices: gathering keeps row order
-
-    # 2. guiding signals: an attribute-prediction model (clamped, rounded) or rules. A row that cannot be
-    # labelled gets its error message instead of labels, so every rank decides the same way after gathering.
-    labels: list[dict | str] = []
-    if args.label_model:
-        from transformers import AutoConfig
-
-        names = getattr(AutoConfig.from_pretrained(args.label_model), "attribute_names", None)
-        if not names:
-            raise ValueError(
-                f"--label-model {args.label_model}: its config has no `attribute_names` "
-                "(train one with `reward_model.py --objective regression`)"
-            )
-        tokenizer = load_tokenizer(args.label_model, chat_template=args.chat_template)
-        eos_ids = end_of_turn_ids(tokenizer, args.label_model)
-        model = load_sequence_classifier(args.label_model, dist.device, len(names), pad_token_id=tokenizer.pad_token_id,
-                                         vocab_size=len(tokenizer))  # fmt: skip
-        model = wrap_model(model, dist, trainable=False)
-        say(f"labelling {n} rows with {args.label_model} (attributes {names}) on {dist.world_size} rank(s)")
-        # the tokens the attribute model was trained on (common.rewards: prompt + reply through its end-of-turn)
-        seqs = [
-            rewards.conversation_reward_tokens(tokenizer, r["messages"], data.where(data_path, r["row"]), eos_ids)
-            for r in local
-        ]
-        fits = [len(s) <= args.max_seq_len for s in seqs]
-        # a row too long for the model is not scored from a truncated view: it is reported, and a stand-in keeps
-        # the number of forwards equal on every rank (FSDP)
-        stand_in = next((s for s, ok in zip(seqs, fits) if ok), [tokenizer.pad_token_id])
-        for mb in data.micro_batches(list(range(len(seqs))), args.label_batch_size):
-            with torch.no_grad(), autocast(dist):
-                pred = rewards.score_sequences(
-                    model, [seqs[i] if fits[i] else stand_in for i in mb], tokenizer.pad_token_id, dist.device
-                )
-            for i, values in zip(mb, clamp_round(pred).tolist()):
-                context = data.where(data_path, local[i]["row"])
-                too_long = f"{context}: {len(seqs[i])} tokens, over --max-seq-len {args.max_seq_len} of the label model"
-                labels.append(dict(zip(names, values)) if fits[i] else too_long)
-    else:
-        fn = load_rules(args.rules)
-        say(f"labelling {n} rows with rules {args.rules!r} on {dist.world_size} rank(s)")
-        for r in local:
-            try:
-                labels.append(rule_labels(fn, *split_turn(r["messages"]), data.where(data_path, r["row"])))
-            except data.DataError as e:
-                labels.append(str(e))
-
-    # 3. gather in row order (the padding repeats sit at the end), write atomically
-    gathered = [x for part in dist.all_gather_object(list(zip(local, labels))) for x in part][:n]
-    bad = [lab for _, lab in gathered if isinstance(lab, str)]
-    if bad and not args.skip_bad_rows:
-        raise data.DataError(bad[0])
-    rows = [{"messages": r["messages"], "attributes": lab} for r, lab in gathered if isinstance(lab, dict)]
-    if not rows:
-        raise data.DataError(f"{data_path}: no row could be labelled ({len(bad)} skipped)")
-    if dist.is_main:
-        demo_task.write_jsonl(rows, output_file)
-        for name in rows[0]["attributes"]:
-            counts = Counter(r["attributes"].get(name) for r in rows)
-            say(f"  {name}: " + " ".join(f"{v}:{counts[v]}" for v in sorted(counts)))
-        for err in (parsed.errors + bad)[:5]:
-            say(f"skipped: {err}")
-        say(
-            f"labelled {len(rows)} rows ({parsed.skipped + len(bad)} skipped) -> {output_file} "
-            f"in {time.time() - t0:.1f}s"
-        )
-    dist.barrier()
-    return Path(output_file)
+@torch.no_grad()
+def predict_attributes(model, sequences: list[list[int]], pad_id: int, batch_size: int, dist) -> torch.Tensor:
+    """Raw predictions (B, K) of an attribute model on token sequences (`common.rewards.reward_model_tokens`: prompt
+    + reply through its end-of-turn), `batch_size` sequences per forward. Every rank must pass as many sequences."""
+    preds = []
+    for s in range(0, len(sequences), batch_size):
+        with autocast(dist):
+            preds.append(rewards.score_sequences(model, sequences[s : s + batch_size], pad_id, dist.device).float())
+    return torch.cat(preds) if preds else torch.zeros(0, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training and evaluation
+# The loss and the metrics
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -528,6 +482,11 @@ def spearman(x: list[float], y: list[float]) -> float:
     return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else float("nan")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Generation and the demo-task evaluation (steerability, ground truth)
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def respond(model, tokenizer, dist, prompts: list[list[dict]], attributes: list[str], mode: str, max_new_tokens: int,
             temperature: float = 0.0, top_p: float = 1.0, generator=None, batch_size: int = 256,
             eos_ids: list[int] | None = None):  # fmt: skip
@@ -544,6 +503,38 @@ def respond(model, tokenizer, dist, prompts: list[list[dict]], attributes: list[
 def is_demo_data(records: list[dict], n: int = 64) -> bool:
     """The demo-task evaluations only mean something when the prompts are demo-task prompts."""
     return all(demo_task.solve(split_turn(r["messages"])[0]) is not None for r in records[:n])
+
+
+def check_demo_requests(args, order: list[str]) -> None:
+    """Fail before training, not after it, on an evaluation request the model cannot be asked: --steer-fixed and
+    --eval-attributes must parse and name attributes of the order, --steer-attributes must be graded by the demo."""
+    for flag, spec in (("--steer-fixed", args.steer_fixed), ("--eval-attributes", args.eval_attributes)):
+        try:
+            format_attributes(parse_attributes_string(spec), order)
+        except KeyError as e:
+            raise ValueError(f"{flag} {spec!r}: {e.args[0]}") from None
+    for name in parse_order(args.steer_attributes):
+        if name not in order or name not in demo_task.ATTRIBUTES:
+            raise ValueError(f"--steer-attributes: {name!r} is not both in the attribute order and graded by the demo")
+
+
+def grade_means(graded: list[tuple[dict, int]], prefix: str = "") -> dict:
+    """Means over (demo_task.grade result, response tokens) pairs, under demo_eval's keys: eval/score,
+    eval/accuracy, eval/verbosity, eval/politeness, eval/response_length (each after `prefix`)."""
+    n = len(graded)
+    means = {f"{prefix}eval/{'accuracy' if k == 'correct' else k}": sum(g[k] for g, _ in graded) / n
+             for k in ("score", "correct", "verbosity", "politeness")}  # fmt: skip
+    return means | {f"{prefix}eval/response_length": sum(tokens for _, tokens in graded) / n}
+
+
+def steer_lines(metrics: dict, names: list[str]) -> list[str]:
+    """One line per steered attribute: Spearman, exact match, and the mean realised value per requested value."""
+    return [
+        f"steer {name}: spearman {metrics[f'steer/{name}/spearman']:.3f}, exact match "
+        f"{metrics[f'steer/{name}/exact_match']:.3f}, realised mean per requested 0..4: "
+        + " ".join(f"{metrics[f'steer/{name}/realised_at_{v}']:.2f}" for v in range(MIN_VALUE, MAX_VALUE + 1))
+        for name in names
+    ]
 
 
 @torch.no_grad()
@@ -588,19 +579,95 @@ def evaluate(model, tokenizer, dist, args: TrainArgs, order: list[str], mode: st
             metrics[f"steer/{name}/accuracy_at_{value}"] = sum(c for _, c in at) / len(at)
     for group, prefix in (("eval", ""), ("contrast", "contrast/")):
         graded = [(g, n) for gr, _, g, n in results if gr == group]
-        for key in ("score", "correct", "verbosity", "politeness") if graded else ():
-            metrics[f"{prefix}eval/{'accuracy' if key == 'correct' else key}"] = sum(g[key] for g, _ in graded) / len(
-                graded
-            )
         if graded:
-            metrics[f"{prefix}eval/response_length"] = sum(n for _, n in graded) / len(graded)
-    # one sample per steering request (the first prompt of this rank), then the first ground-truth ones
-    samples = [[p, s, t] for (group, _, p, s), t in zip(jobs, texts)]
-    n_local = len(steer_prompts)
-    samples = (samples[: n_local * len(steer_names) * 5 : n_local] if n_local else []) + samples[
-        n_local * len(steer_names) * 5 :
-    ][:2]
-    return metrics, samples
+            metrics |= grade_means(graded, prefix)
+    # one sample per steering request (its first prompt on this rank), then the first two ground-truth ones
+    samples = [[p, s, t] for (_, _, p, s), t in zip(jobs, texts)]
+    n_steer = len(steer_prompts) * len(steer_names) * (MAX_VALUE - MIN_VALUE + 1)  # the steering jobs come first
+    firsts = samples[: n_steer : len(steer_prompts)] if steer_prompts else []
+    return metrics, firsts + samples[n_steer:][:2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stages: label -> train (+ evaluate) -> generate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def label_stage(args, dist, output_file: str) -> Path:
+    """Annotate every SFT row of args.data and write attribute rows to `output_file` (rank 0, atomically)."""
+    say = print if dist.is_main else (lambda *a, **k: None)
+    t0 = time.time()
+
+    # 1. read and check every row (errors name file, row and field)
+    data_path = data.resolve_data_path(args.data, "sft", dist)
+    parsed = data.parse_rows(data.load_rows(data_path), data.parse_sft, data_path, args.skip_bad_rows)
+    records = [{"messages": with_attributes(r["messages"], "", "template"), "row": r["row"]} for r in parsed.records]
+    n = len(records)
+    local = dist.shard(pad_to_multiple(records, dist.world_size))  # contiguous slices: gathering keeps row order
+
+    # 2. guiding signals: an attribute-prediction model (clamped, rounded) or rules. A row that cannot be
+    # labelled gets its error message instead of labels, so every rank decides the same way after gathering.
+    labels: list[dict | str] = []
+    if args.label_model:
+        from transformers import AutoConfig
+
+        names = getattr(AutoConfig.from_pretrained(args.label_model), "attribute_names", None)
+        if not names:
+            raise ValueError(
+                f"--label-model {args.label_model}: its config has no `attribute_names` "
+                "(train one with `reward_model.py --objective regression`)"
+            )
+        tokenizer = load_tokenizer(args.label_model, chat_template=args.chat_template)
+        eos_ids = end_of_turn_ids(tokenizer, args.label_model)
+        model = load_sequence_classifier(args.label_model, dist.device, len(names), pad_token_id=tokenizer.pad_token_id,
+                                         vocab_size=len(tokenizer))  # fmt: skip
+        model = wrap_model(model, dist, trainable=False)
+        say(f"labelling {n} rows with {args.label_model} (attributes {names}) on {dist.world_size} rank(s)")
+        # the tokens the attribute model was trained on (common.rewards: prompt + reply through its end-of-turn)
+        seqs = [
+            rewards.conversation_reward_tokens(tokenizer, r["messages"], data.where(data_path, r["row"]), eos_ids)
+            for r in local
+        ]
+        fits = [len(s) <= args.max_seq_len for s in seqs]
+        # a row too long for the model is not scored from a truncated view: it is reported, and a stand-in keeps
+        # the number of forwards equal on every rank (FSDP)
+        stand_in = next((s for s, ok in zip(seqs, fits) if ok), [tokenizer.pad_token_id])
+        pred = predict_attributes(model, [s if ok else stand_in for s, ok in zip(seqs, fits)], tokenizer.pad_token_id,
+                                  args.label_batch_size, dist)  # fmt: skip
+        for i, values in enumerate(clamp_round(pred).tolist()):
+            context = data.where(data_path, local[i]["row"])
+            too_long = f"{context}: {len(seqs[i])} tokens, over --max-seq-len {args.max_seq_len} of the label model"
+            labels.append(dict(zip(names, values)) if fits[i] else too_long)
+    else:
+        fn = load_rules(args.rules)
+        say(f"labelling {n} rows with rules {args.rules!r} on {dist.world_size} rank(s)")
+        for r in local:
+            try:
+                labels.append(rule_labels(fn, *split_turn(r["messages"]), data.where(data_path, r["row"])))
+            except data.DataError as e:
+                labels.append(str(e))
+
+    # 3. gather in row order (the padding repeats sit at the end), write atomically
+    gathered = [x for part in dist.all_gather_object(list(zip(local, labels))) for x in part][:n]
+    bad = [lab for _, lab in gathered if isinstance(lab, str)]
+    if bad and not args.skip_bad_rows:
+        raise data.DataError(bad[0])
+    rows = [{"messages": r["messages"], "attributes": lab} for r, lab in gathered if isinstance(lab, dict)]
+    if not rows:
+        raise data.DataError(f"{data_path}: no row could be labelled ({len(bad)} skipped)")
+    if dist.is_main:
+        demo_task.write_jsonl(rows, output_file)
+        for name in rows[0]["attributes"]:
+            counts = Counter(r["attributes"].get(name) for r in rows)
+            say(f"  {name}: " + " ".join(f"{v}:{counts[v]}" for v in sorted(counts)))
+        for err in (parsed.errors + bad)[:5]:
+            say(f"skipped: {err}")
+        say(
+            f"labelled {len(rows)} rows ({parsed.skipped + len(bad)} skipped) -> {output_file} "
+            f"in {time.time() - t0:.1f}s"
+        )
+    dist.barrier()
+    return Path(output_file)
 
 
 def train_stage(args: TrainArgs, dist) -> dict:
@@ -641,17 +708,8 @@ def train_stage(args: TrainArgs, dist) -> dict:
     evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
     skipped = parsed.skipped + train.skipped
     demo_eval_on = (args.demo_eval_prompts > 0 or args.steer_prompts > 0) and is_demo_data(parsed.records)
-    if demo_eval_on:  # a bad evaluation request fails now, not after training
-        for flag, spec in (("--steer-fixed", args.steer_fixed), ("--eval-attributes", args.eval_attributes)):
-            try:
-                format_attributes(parse_attributes_string(spec), order)
-            except KeyError as e:
-                raise ValueError(f"{flag} {spec!r}: {e.args[0]}") from None
-        for name in parse_order(args.steer_attributes):
-            if name not in order or name not in demo_task.ATTRIBUTES:
-                raise ValueError(
-                    f"--steer-attributes: {name!r} is not both in the attribute order and graded by the demo"
-                )
+    if demo_eval_on:
+        check_demo_requests(args, order)
 
     # 3. batch sizes, optimiser, schedule
     global_batch_size = args.local_micro_batch_size * args.gradient_accumulation_steps * dist.world_size
@@ -750,12 +808,8 @@ def train_stage(args: TrainArgs, dist) -> dict:
         result, samples = evaluate(model, tokenizer, dist, args, order, mode)
         tracker.table("samples", ["prompt", "attributes", "response"], samples, total_steps)
         final |= result | {f"initial/{k}": v for k, v in initial.items()}
-        for name in parse_order(args.steer_attributes) if args.steer_prompts else []:
-            tracker.print(
-                f"steer {name}: spearman {final[f'steer/{name}/spearman']:.3f}, exact match "
-                f"{final[f'steer/{name}/exact_match']:.3f}, realised mean per requested 0..4: "
-                + " ".join(f"{final[f'steer/{name}/realised_at_{v}']:.2f}" for v in range(MIN_VALUE, MAX_VALUE + 1))
-            )
+        for line in steer_lines(final, parse_order(args.steer_attributes) if args.steer_prompts else []):
+            tracker.print(line)
         if initial and "eval/accuracy" in result:
             tracker.print(
                 f"ground truth ({args.demo_eval_prompts} held-out demo prompts), start model without attributes -> "
@@ -774,11 +828,6 @@ def train_stage(args: TrainArgs, dist) -> dict:
     tracker.print(f"saved {args.output_dir} (final metrics in eval.json)")
     tracker.finish()
     return final
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Generation
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def generate_stage(args: GenerateArgs, dist) -> list[dict]:
@@ -803,29 +852,10 @@ def generate_stage(args: GenerateArgs, dist) -> list[dict]:
         except KeyError as e:
             raise ValueError(f"--attributes {args.attributes!r}: {e.args[0]}") from None
     else:
-        requests = []
         prompt_rows = data.load_rows(args.prompts_file)
-        for i, row in zip(prompt_rows.line_numbers, prompt_rows):  # i: the file's line (blank lines are not rows)
-            prompt = data.parse_prompt(row, args.prompts_file, i)["prompt"]
-            where = data.where(args.prompts_file, i, "attributes")
-            values = row.get("attributes") or {}
-            try:
-                values = parse_attributes_string(values) if isinstance(values, str) else values
-            except ValueError as e:
-                raise data.DataError(f"{where}: {e}") from None
-            if not isinstance(values, dict):
-                raise data.DataError(
-                    f"{where}: expected an object or a 'name:value,...' string, got {type(values).__name__}"
-                )
-            values = {k: v for k, v in values.items() if v is not None}  # datasets fills absent keys with None
-            for name, value in values.items():
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise data.DataError(f"{where}: {name!r} is not a number ({type(value).__name__})")
-            try:
-                attributes = format_attributes(default | values, order)
-            except KeyError as e:
-                raise data.DataError(f"{where}: {e.args[0]}") from None
-            requests.append((row.get("prompt") or row.get("messages"), prompt, attributes))
+        # i: the file's line (blank lines are not rows)
+        requests = [parse_request_row(row, args.prompts_file, i, default, order)
+                    for i, row in zip(prompt_rows.line_numbers, prompt_rows)]  # fmt: skip
 
     # 3. generate on every rank (contiguous shards, gathered back in order)
     n = len(requests)
