@@ -8,7 +8,13 @@ replaces the reward model and RL loop of RLHF with three supervised stages:
     train     attribute-conditioned SFT: the values are written into the assistant turn's header as
               `correctness:4,verbosity:1,politeness:3` and the model learns p(response | prompt, attributes);
               the loss is on the response tokens only, never on the attribute string;
-    generate  at inference the user writes the values they want into the same place.
+    generate  at inference the user writes the values they want into the same place;
+and SteerLM 2.0 (Wang et al. 2024, "HelpSteer2", section 5.3) after them:
+    steer2    sample n responses per (prompt, request) from the SteerLM model Q', weight them towards
+              P(y|a,x) ~ P(a|x,y) P(y|x) with w' = softmax_i(log P(a|x,y_i) + log P(y_i|x) - log Q'(y_i|a,x))
+              (P(a|x,y): the attribute model's predictions under a discretised Gaussian over the levels 0..4;
+              P(y|x): the SFT model), and minimise the NLL weighted by w' - b', b' = softmax_i(log Q(y_i|a,x) -
+              log Q'(y_i|a,x)) a baseline; --iterations times, each sampling from the model the last one trained.
 Where this file departs from the paper: no step 4 ("bootstrapping": sampling responses at high-quality
 attribute values, labelling them and training on them again); the attribute string goes through the
 tokenizer's chat template (an assistant message's `attributes` key, and the template kwarg `attributes` for a
@@ -36,6 +42,12 @@ from scratch), evaluate, write out/steerlm; about 4 minutes on 2 free CPU cores)
     torchrun --nproc_per_node 2 steerlm.py train            # FSDP2 (gloo on CPU, nccl on GPU)
     python steerlm.py train --resume                        # continue from out/steerlm/trainer_state
     python steerlm.py all --resume                          # the same, keeping out/steerlm/labelled.jsonl
+    python steerlm.py steer2                                # SteerLM 2.0 from out/steerlm and out/sft -> out/steerlm2
+    python steerlm.py steer2 --label-model out/attribute_model --attribute-sigma 0.4
+
+Layout: the Args of each subcommand; the attribute string; labelling; the loss and metrics; generation and the
+demo evaluation; SteerLM 2.0's weights and loss; then one function per subcommand (label_stage, train_stage,
+generate_stage, steer2_stage), each a numbered sequence of steps.
 """
 
 from __future__ import annotations
@@ -270,8 +282,9 @@ class Steer2Args(LabelOptions):
     """attention kernel of the HF models"""
 
     # --- optimiser ---
-    learning_rate: float = 2e-4
-    """peak learning rate (AdamW)"""
+    learning_rate: float = 5e-5
+    """peak learning rate (AdamW); on the demo 5e-4 (32 steps) raised the samples' entropy and cut the ideal request's
+    accuracy from 0.59 to 0.11 (docs/steerlm.md)"""
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and norms)"""
     lr_schedule: Schedule = "constant"
@@ -284,9 +297,9 @@ class Steer2Args(LabelOptions):
     # --- batch sizes (local_ = per rank; global = x ranks); a group = one (prompt, request) and its n samples ---
     iterations: int = 2
     """rounds of: sample from the current model (the new Q'), weight, train"""
-    prompts_per_iteration: int = 256
+    prompts_per_iteration: int = 128
     """(prompt, request) pairs sampled per iteration, over all ranks"""
-    num_samples: int = 4
+    num_samples: int = 8
     """n: responses sampled per (prompt, request); the weights are normalised over them"""
     epochs_per_iteration: int = 1
     """passes over each iteration's samples"""
@@ -729,8 +742,16 @@ def steer2_loss(logprobs: torch.Tensor, mask: torch.Tensor, coef: torch.Tensor, 
 
 
 @torch.no_grad()
-def sequence_logprobs(model, queries: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor, pad_id: int,
-                      temperature: float, batch_size: int, dist) -> torch.Tensor:  # fmt: skip
+def sequence_logprobs(
+    model,
+    queries: torch.Tensor,
+    responses: torch.Tensor,
+    mask: torch.Tensor,
+    pad_id: int,
+    temperature: float,
+    batch_size: int,
+    dist,
+) -> torch.Tensor:
     """log model(response | query) (B,) summed over the response tokens under `mask`, `batch_size` rows a forward."""
     out = []
     for s in range(0, len(queries), batch_size):
@@ -1058,14 +1079,25 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
     trained_order = getattr(AutoConfig.from_pretrained(args.model_path), "steerlm_attributes", None)
     order = parse_order(args.attributes_order) if args.attributes_order else trained_order or list(demo_task.ATTRIBUTES)
     mode = conditioning_mode(tokenizer)
-    policy = wrap_model(load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation,
-                                       vocab_size=len(tokenizer)), dist,
-                        activation_checkpointing=args.activation_checkpointing)  # fmt: skip
+    policy = wrap_model(
+        load_causal_lm(
+            args.model_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=len(tokenizer)
+        ),
+        dist,
+        activation_checkpointing=args.activation_checkpointing,
+    )
     if load_tokenizer(args.sft_model_path, chat_template=args.chat_template).get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"--sft-model-path {args.sft_model_path}: its tokenizer is not --model-path's; P(y|x) must "
-                         "score the same tokens")  # fmt: skip
-    sft = wrap_model(load_causal_lm(args.sft_model_path, dist.device, attn_implementation=args.attn_implementation,
-                                    vocab_size=len(tokenizer)), dist, trainable=False)  # fmt: skip
+        raise ValueError(
+            f"--sft-model-path {args.sft_model_path}: its tokenizer is not --model-path's; P(y|x) must "
+            "score the same tokens"
+        )
+    sft = wrap_model(
+        load_causal_lm(
+            args.sft_model_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=len(tokenizer)
+        ),
+        dist,
+        trainable=False,
+    )
     if args.label_model:
         names = getattr(AutoConfig.from_pretrained(args.label_model), "attribute_names", None)
         if not names:
@@ -1077,22 +1109,38 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
             raise ValueError(f"--label-model {args.label_model} predicts {names}, not every attribute of {order}")
         attr_tokenizer = load_tokenizer(args.label_model, chat_template=args.chat_template)
         attr_eos = end_of_turn_ids(attr_tokenizer, args.label_model)
-        attr_model = wrap_model(load_sequence_classifier(args.label_model, dist.device, len(names),
-                                                         pad_token_id=attr_tokenizer.pad_token_id,
-                                                         vocab_size=len(attr_tokenizer)), dist, trainable=False)  # fmt: skip
+        attr_model = wrap_model(
+            load_sequence_classifier(
+                args.label_model,
+                dist.device,
+                len(names),
+                pad_token_id=attr_tokenizer.pad_token_id,
+                vocab_size=len(attr_tokenizer),
+            ),
+            dist,
+            trainable=False,
+        )
     else:
         rules = load_rules(args.rules)
 
     def predictions(records: list[dict], completions: list[str]) -> torch.Tensor:
         """Attribute predictions (B, K) in `order` for each record's sample: the model's, or the rules' (NaN = none)."""
         if args.label_model:
-            seqs = [rewards.conversation_reward_tokens(attr_tokenizer, r["prompt"] + [{"role": "assistant", "content": c}],
-                                                       data.where(data_path, r["row"]), attr_eos)
-                    for r, c in zip(records, completions)]  # fmt: skip
+            seqs = [
+                rewards.conversation_reward_tokens(
+                    attr_tokenizer,
+                    r["prompt"] + [{"role": "assistant", "content": c}],
+                    data.where(data_path, r["row"]),
+                    attr_eos,
+                )
+                for r, c in zip(records, completions)
+            ]
             pred = predict_attributes(attr_model, seqs, attr_tokenizer.pad_token_id, args.forward_batch_size, dist)
             return pred[:, [names.index(name) for name in order]].cpu()
-        values = [rule_labels(rules, r["text"], c, f"--rules {args.rules} on a sample for {data.where(data_path, r['row'])}")
-                  for r, c in zip(records, completions)]  # fmt: skip
+        values = [
+            rule_labels(rules, r["text"], c, f"--rules {args.rules} on a sample for {data.where(data_path, r['row'])}")
+            for r, c in zip(records, completions)
+        ]
         return torch.tensor([[v.get(name, float("nan")) for name in order] for v in values], dtype=torch.float64)
 
     # 2. (prompt, request) pairs: each attribute row's prompt, asking for the row's own values
@@ -1115,9 +1163,15 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
         if len(ids) > args.max_prompt_len:
             raise data.DataError(f"{context}: prompt is {len(ids)} tokens, over --max-prompt-len {args.max_prompt_len}")
         values = [record["attributes"].get(name) for name in order]
-        return {"prompt": prompt, "text": split_turn(messages)[0], "request": request, "ids": ids,
-                "plain_ids": data.render(tokenizer, prompt, add_generation_prompt=True), "row": record["row"],
-                "values": [float("nan") if v is None else float(round(v)) for v in values]}  # fmt: skip
+        return {
+            "prompt": prompt,
+            "text": split_turn(messages)[0],
+            "request": request,
+            "ids": ids,
+            "plain_ids": data.render(tokenizer, prompt, add_generation_prompt=True),
+            "row": record["row"],
+            "values": [float("nan") if v is None else float(round(v)) for v in values],
+        }
 
     requests = data.tokenize_all(parsed.records, to_request, data_path, args.skip_bad_rows)
     demo_eval_on = (args.demo_eval_prompts > 0 or args.steer_prompts > 0) and is_demo_data(parsed.records)
@@ -1129,8 +1183,9 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
     scheduler = make_scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.iterations * steps_per_iteration)
     state = checkpoint.resume_run(args.output_dir, dist, policy, optimizer, scheduler) if args.resume else {}
     start, skipped_steps, initial = state.get("step", 0), state.get("skipped_steps", 0), state.get("initial", {})
-    tracker = make_tracker(dist, args.output_dir, args, args.track, args.wandb_project,
-                           start * steps_per_iteration if args.resume else -1)  # fmt: skip
+    tracker = make_tracker(
+        dist, args.output_dir, args, args.track, args.wandb_project, start * steps_per_iteration if args.resume else -1
+    )
     tracker.print(f"resolved args: {args}")
     tracker.print(
         f"world_size={dist.world_size} iterations={args.iterations} x {args.prompts_per_iteration} (prompt, request) "
@@ -1163,9 +1218,16 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
         keys = [
             sample_key(args.seed, iteration, dist.rank * len(idx) + k, j) for k in range(len(idx)) for j in range(n)
         ]
-        response_list = generate(policy, [r["ids"] for r in samples], pad_id=pad_id, eos_id=eos_ids,
-                                 max_new_tokens=args.max_new_tokens, dist=dist, temperature=args.temperature,
-                                 sample_keys=keys)  # fmt: skip
+        response_list = generate(
+            policy,
+            [r["ids"] for r in samples],
+            pad_id=pad_id,
+            eos_id=eos_ids,
+            max_new_tokens=args.max_new_tokens,
+            dist=dist,
+            temperature=args.temperature,
+            sample_keys=keys,
+        )
         queries = data.pad([r["ids"] for r in samples], pad_id, side="left").to(dist.device)  # (B, P)
         plain = data.pad([r["plain_ids"] for r in samples], pad_id, side="left").to(dist.device)  # (B, P')
         responses = data.pad(response_list, pad_id, side="right").to(dist.device)  # (B, T)
@@ -1187,7 +1249,12 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
         lengths = mask.sum(-1)
         norm = lengths.view(-1, n).mean(-1, keepdim=True).clamp(min=1).expand(-1, n)  # (G, n)
         asked = ~torch.isnan(requested)
-        match = ((pred.round() == requested) | ~asked).all(-1).double().to(dist.device)  # (B,) every request met
+        met = ((pred.round() == requested) | ~asked).all(-1).double().to(dist.device)  # (B,) every request met
+        stats = torch.stack([met.sum(), (w.view(-1) * met).sum() * n, log_attr.sum(), (1 / (w**2).sum(-1)).sum(),
+                            lengths.sum(), log_p.sum(), log_q_prime.sum()]).double()  # fmt: skip
+        stats = dist.all_reduce(stats) / (args.prompts_per_iteration * n)
+        stat_names = "request_met request_met_weighted log_p_attributes ess response_length log_p_sft log_q_prime"
+        sample_metrics = {f"steer2/{k}": v.item() for k, v in zip(stat_names.split(), stats)}
         t_score = clock(dist) - t_score
 
         # 3. train: epochs over minibatches of whole groups. b' needs log Q_theta of each sample at the current
@@ -1195,8 +1262,9 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
         # between a step's micro-batches, so a separate forward-only pass would give the same numbers)
         t_train = clock(dist)
         for epoch in range(args.epochs_per_iteration):
-            perm = torch.randperm(local_groups, generator=torch.Generator().manual_seed(sample_key(args.seed, iteration,
-                                                                                                   epoch))).tolist()  # fmt: skip
+            perm = torch.randperm(
+                local_groups, generator=torch.Generator().manual_seed(sample_key(args.seed, iteration, epoch))
+            ).tolist()
             for m in range(args.num_minibatches):
                 step = iteration * steps_per_iteration + epoch * args.num_minibatches + m
                 micro = data.micro_batches(perm[m * local_mini : (m + 1) * local_mini], local_micro)
@@ -1220,40 +1288,31 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
                     skipped_steps += 1
                     continue
                 grad_norm = optimizer_step(policy, optimizer, scheduler, args.max_grad_norm)
-                metrics = {"steer2/loss": sums[0].item(), "steer2/kl": sums[1].item() / mini_groups,
-                           "steer2/grad_norm": grad_norm, "steer2/lr": scheduler.get_last_lr()[0],
-                           "steer2/skipped_steps": skipped_steps, "iteration": iteration + 1}  # fmt: skip
-                if epoch == 0 and m == 0:  # the iteration's samples, once
-                    stats = torch.stack(
-                        [
-                            match.sum(),
-                            (w.view(-1) * match).sum(),
-                            log_attr.sum(),
-                            (1 / (w**2).sum(-1)).sum(),
-                            lengths.sum(),
-                            log_p.sum(),
-                            log_q_prime.sum(),
-                        ]
-                    )
-                    stats = dist.all_reduce(stats.double()) / (args.prompts_per_iteration * n)  # fmt: skip
-                    metrics |= {"steer2/request_met": stats[0].item(), "steer2/request_met_weighted": stats[1].item() * n,
-                                "steer2/log_p_attributes": stats[2].item(), "steer2/ess": stats[3].item(),
-                                "steer2/response_length": stats[4].item(), "steer2/log_p_sft": stats[5].item(),
-                                "steer2/log_q_prime": stats[6].item(), "perf/time_sample": t_sample,
-                                "perf/time_score": t_score}  # fmt: skip
+                metrics = {
+                    "steer2/loss": sums[0].item(),
+                    "steer2/kl": sums[1].item() / mini_groups,
+                    "steer2/grad_norm": grad_norm,
+                    "steer2/lr": scheduler.get_last_lr()[0],
+                    "steer2/skipped_steps": skipped_steps,
+                    "iteration": iteration + 1,
+                }
+                if epoch == 0 and m == 0:  # the iteration's samples, logged once
+                    metrics |= sample_metrics | {"perf/time_sample": t_sample, "perf/time_score": t_score}
                 tracker.log(metrics, step + 1, echo=False)
+                bar.set_postfix(kl=f"{metrics['steer2/kl']:.3f}")
         t_train = clock(dist) - t_train
         tracker.log({"perf/time_train": t_train}, (iteration + 1) * steps_per_iteration, echo=False)
         bar.update(1)
-        bar.set_postfix(kl=f"{metrics['steer2/kl']:.3f}")
 
         # 4. checkpoint (whole iterations: a stop request is honoured when the running iteration ends)
         if args.save_every and (iteration + 1) % args.save_every == 0 and iteration + 1 < args.iterations:
             save(iteration + 1)
         if stop.requested(dist):
             save(iteration + 1)
-            tracker.print(f"{stop.signal_name}: checkpoint saved after iteration {iteration + 1} in {args.output_dir}; "
-                          "resume with --resume")  # fmt: skip
+            tracker.print(
+                f"{stop.signal_name}: checkpoint saved after iteration {iteration + 1} in {args.output_dir}; "
+                "resume with --resume"
+            )
             tracker.finish()
             cleanup(dist)
             raise SystemExit(0)
