@@ -1209,15 +1209,15 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
 
     bar = tracker.progress(args.iterations, start, "steerlm2")
     for iteration in range(start, args.iterations):
-        # 1. sample n responses per (prompt, request) from the current model, this iteration's Q'; randomness keyed
-        # by (seed, iteration, position in the global batch, sample), so any number of ranks samples the same
+        # 1. sample n responses per (prompt, request) from the current model, this iteration's Q'. Each rank takes
+        # its share of every minibatch (minibatch m = positions m * mini_groups ... of the iteration's prompts), and
+        # randomness is keyed by (seed, iteration, position, sample): the same steps on any number of ranks
         t_sample = clock(dist)
-        idx = dist.shard(data.step_indices(len(requests.records), args.prompts_per_iteration, iteration, args.seed))
-        records = [requests.records[i] for i in idx]
-        samples = [r for r in records for _ in range(n)]  # a group's samples are consecutive rows
-        keys = [
-            sample_key(args.seed, iteration, dist.rank * len(idx) + k, j) for k in range(len(idx)) for j in range(n)
-        ]
+        chosen = data.step_indices(len(requests.records), args.prompts_per_iteration, iteration, args.seed)
+        positions = [m * mini_groups + dist.rank * local_mini + k
+                     for m in range(args.num_minibatches) for k in range(local_mini)]  # fmt: skip
+        samples = [requests.records[chosen[p]] for p in positions for _ in range(n)]  # a group: n consecutive rows
+        keys = [sample_key(args.seed, iteration, p, j) for p in positions for j in range(n)]
         response_list = generate(
             policy,
             [r["ids"] for r in samples],
@@ -1262,12 +1262,12 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
         # between a step's micro-batches, so a separate forward-only pass would give the same numbers)
         t_train = clock(dist)
         for epoch in range(args.epochs_per_iteration):
-            perm = torch.randperm(
-                local_groups, generator=torch.Generator().manual_seed(sample_key(args.seed, iteration, epoch))
-            ).tolist()
-            for m in range(args.num_minibatches):
+            # the minibatches in an order drawn per epoch (the same on every rank); local groups of minibatch mb
+            # are mb * local_mini ... (mb + 1) * local_mini - 1
+            generator = torch.Generator().manual_seed(sample_key(args.seed, iteration, epoch))
+            for m, mb in enumerate(torch.randperm(args.num_minibatches, generator=generator).tolist()):
                 step = iteration * steps_per_iteration + epoch * args.num_minibatches + m
-                micro = data.micro_batches(perm[m * local_mini : (m + 1) * local_mini], local_micro)
+                micro = data.micro_batches(list(range(mb * local_mini, (mb + 1) * local_mini)), local_micro)
                 sums = torch.zeros(2, dtype=torch.float64, device=dist.device)  # loss, KL(w' || b') summed over groups
                 for k, groups in enumerate(micro):
                     if dist.enabled:

@@ -475,43 +475,46 @@ def test_steer2_gradient_is_zero_when_w_equals_b(demo_base):
         assert (max(grads) == 0.0) == zero, max(grads)
 
 
-def test_steer2_resume_across_iterations(demo_base, tmp_path):
+def test_steer2_resume_across_iterations_and_two_processes(demo_base, tmp_path):
     """Two iterations straight equal one iteration, then --resume to two: the same steps logged (loss, KL) and the
-    same weights. Q' and P(y|x) are both the demo base model; the requests are demo rows labelled by rule."""
+    same weights. Two processes (torchrun) log the same steps too: each rank samples its share of every minibatch,
+    keyed by position. Q' and P(y|x) are both the demo base model; the requests are demo rows labelled by rule."""
+    import tyro
     from safetensors.torch import load_file
 
     rows = [r | {"attributes": steerlm.demo_rules(r["prompt"], r["completion"])}
             for r in demo_task.sft_rows(seed=5, n=40)]  # fmt: skip
     path = demo_task.write_jsonl(rows, tmp_path / "requests.jsonl")
+    flags = ["--model-path", str(demo_base), "--sft-model-path", str(demo_base), "--data", str(path),
+             "--prompts-per-iteration", "8", "--num-samples", "3", "--num-minibatches", "2",
+             "--epochs-per-iteration", "2", "--max-new-tokens", "12", "--learning-rate", "1e-3",
+             "--demo-eval-prompts", "0", "--steer-prompts", "0"]  # fmt: skip
     saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
 
     def run(out, iterations, resume=False):
-        args = steerlm.Steer2Args(model_path=str(demo_base), sft_model_path=str(demo_base), data=str(path),
-                                  output_dir=str(out), iterations=iterations, resume=resume, prompts_per_iteration=8,
-                                  num_samples=3, num_minibatches=2, epochs_per_iteration=2, max_new_tokens=12,
-                                  learning_rate=1e-3, demo_eval_prompts=0, steer_prompts=0)  # fmt: skip
+        more = ["--output-dir", str(out), "--iterations", str(iterations)] + (["--resume"] if resume else [])
         try:
-            return steerlm.steer2_stage(args, init_distributed())
+            return steerlm.steer2_stage(tyro.cli(steerlm.Steer2Args, args=flags + more), init_distributed())
         finally:
             signal.signal(signal.SIGINT, saved[0])
             signal.signal(signal.SIGTERM, saved[1])
 
-    def logged(out) -> list[tuple]:
+    def logged(out) -> list[float]:
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         found = [(x["step"], x["steer2/loss"], x["steer2/kl"]) for x in lines if "steer2/loss" in x]
-        assert found, f"no steer2/loss logged in {out / 'metrics.jsonl'}"
-        return found
+        assert [step for step, _, _ in found] == list(range(1, 9)), found
+        return [v for row in found for v in row]
 
     run(tmp_path / "straight", 2)
     run(tmp_path / "resumed", 1)
     assert json.loads((tmp_path / "resumed" / "trainer_state" / "COMPLETE").read_text())["step"] == 1
     run(tmp_path / "resumed", 2, resume=True)
-    straight, resumed = logged(tmp_path / "straight"), logged(tmp_path / "resumed")
-    assert [s for s, _, _ in straight] == [s for s, _, _ in resumed] == list(range(1, 9))
-    assert [v for row in resumed for v in row] == pytest.approx(
-        [v for row in straight for v in row], rel=1e-5, abs=1e-7
-    )
+    straight = logged(tmp_path / "straight")
+    assert logged(tmp_path / "resumed") == pytest.approx(straight, rel=1e-5, abs=1e-7)
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     start = load_file(demo_base / "model.safetensors")
     assert max((a[k] - start[k]).abs().max().item() for k in start) > 1e-4  # training moved the weights
+
+    run_script("steerlm.py", "steer2", *flags, "--output-dir", str(tmp_path / "two"), "--iterations", "2", nproc=2)
+    assert logged(tmp_path / "two") == pytest.approx(straight, rel=1e-4, abs=1e-6)
