@@ -1163,6 +1163,9 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
         if len(ids) > args.max_prompt_len:
             raise data.DataError(f"{context}: prompt is {len(ids)} tokens, over --max-prompt-len {args.max_prompt_len}")
         values = [record["attributes"].get(name) for name in order]
+        for name, v in zip(order, values):
+            if v is not None and not MIN_VALUE <= round(v) <= MAX_VALUE:
+                raise data.DataError(f"{context}, field 'attributes.{name}': {v} is outside {MIN_VALUE}..{MAX_VALUE}")
         return {
             "prompt": prompt,
             "text": split_turn(messages)[0],
@@ -1244,6 +1247,10 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
         log_p = sequence_logprobs(sft, plain, responses, mask, pad_id, 1.0, fb, dist)
         pred = predictions(samples, completions)  # (B, K)
         requested = torch.tensor([r["values"] for r in samples], dtype=torch.float64)  # (B, K), NaN = not asked
+        unknown = (torch.isnan(pred) & ~torch.isnan(requested)).any(0)
+        if unknown.any():
+            raise ValueError(f"--rules {args.rules} gives no value for the requested attribute "
+                             f"{order[unknown.nonzero()[0].item()]!r}")  # fmt: skip
         log_attr = attribute_logprob(pred, requested, args.attribute_sigma).to(dist.device)
         w = importance_weights(log_attr.view(-1, n), log_p.view(-1, n), log_q_prime.view(-1, n))  # (G, n)
         lengths = mask.sum(-1)

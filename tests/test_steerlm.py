@@ -518,3 +518,19 @@ def test_steer2_resume_across_iterations_and_two_processes(demo_base, tmp_path):
 
     run_script("steerlm.py", "steer2", *flags, "--output-dir", str(tmp_path / "two"), "--iterations", "2", nproc=2)
     assert logged(tmp_path / "two") == pytest.approx(straight, rel=1e-4, abs=1e-6)
+
+
+def test_steer2_bad_request_names_file_row_and_field(demo_base, tmp_path):
+    good = {"prompt": "Add 1 and 2.", "completion": "3", "attributes": {"correctness": 4, "verbosity": 0}}
+    path = demo_task.write_jsonl([good] * 3 + [good | {"attributes": {"verbosity": 7}}], tmp_path / "bad.jsonl")
+    args = steerlm.Steer2Args(model_path=str(demo_base), sft_model_path=str(demo_base), data=str(path),
+                              output_dir=str(tmp_path / "o"))  # fmt: skip
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(
+            data.DataError, match=re.escape(f"{path}: row 4, field 'attributes.verbosity': 7.0 is outside 0..4")
+        ):
+            steerlm.steer2_stage(args, init_distributed())
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
