@@ -1,9 +1,11 @@
 """steerlm.py: the attribute string, loss masking, clamping, rule and model labelling, Spearman by hand, bad data,
-generation that follows the requested attributes, an `all` smoke run, torchrun parity."""
+generation that follows the requested attributes, an `all` smoke run, torchrun parity; SteerLM 2.0's weights and
+baseline by hand, its zero gradient at w' = b', and resume across iterations."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 import sys
@@ -381,10 +383,154 @@ def test_help_documents_every_flag(capsys):
         ("label", steerlm.LabelArgs),
         ("train", steerlm.TrainArgs),
         ("generate", steerlm.GenerateArgs),
+        ("steer2", steerlm.Steer2Args),
     ]:
         with pytest.raises(SystemExit):
             tyro.cli(steerlm.Command, args=[name, "--help"], default=steerlm.AllArgs())
         text = capsys.readouterr().out
         for field in cls.__dataclass_fields__:
             assert "--" + field.replace("_", "-") in text, (name, field)
-    assert "requested values, `name=value,...`" in text  # the field docstrings are the help text
+        if name == "generate":
+            assert "requested values, `name=value,...`" in text  # the field docstrings are the help text
+    assert "noise model of the attribute model" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SteerLM 2.0
+# ---------------------------------------------------------------------------------------------------------------
+
+# sigma^2 = 1 / (2 ln 2) makes the discretised Gaussian's terms powers of two: exp(-d^2 / (2 sigma^2)) = 2^(-d^2)
+SIGMA_POW2 = (1 / (2 * math.log(2))) ** 0.5
+
+
+def test_steer2_weights_and_baseline_by_hand():
+    """2 prompts x 3 responses, attributes (verbosity, politeness), sigma^2 = 1 / (2 ln 2): P(a_k = v) = 2^-(v - pred)^2
+    / Z(pred) over v = 0..4, with Z(2) = 1/16 + 1/2 + 1 + 1/2 + 1/16 = 17/8, Z(1) = Z(3) = 1057/512,
+    Z(0) = Z(4) = 102529/65536.
+
+    Prompt 1 asks verbosity:2 (politeness not asked: no term). Predicted verbosity 2, 1, 0 ->
+    P(a) = 1 / Z(2) = 8/17, (1/2) / Z(1) = 256/1057, (1/16) / Z(0) = 4096/102529. log P(y|x) - log Q'(y|a,x) =
+    0, ln 2, ln 4, so w' ~ (8/17, 512/1057, 16384/102529).
+    Prompt 2 asks verbosity:0, politeness:4. Predictions (0, 4), (0, 4), (4, 0) -> P(a) = (65536/102529)^2 twice,
+    then (1/102529)^2; P(y|x) = Q'(y|a,x) -> w' = (65536^2, 65536^2, 1) / (2 * 65536^2 + 1).
+    Baseline: log Q_theta - log Q' = (0, ln 2, ln 2) -> b' = (1/5, 2/5, 2/5); (ln 3, 0, 0) -> b' = (3/5, 1/5, 1/5).
+    """
+    nan = float("nan")
+    pred = torch.tensor([[2.0, 3.7], [1.0, 0.2], [0.0, 4.0], [0.0, 4.0], [0.0, 4.0], [4.0, 0.0]])
+    requested = torch.tensor([[2.0, nan]] * 3 + [[0.0, 4.0]] * 3)
+    log_attr = steerlm.attribute_logprob(pred, requested, SIGMA_POW2)
+    p2 = 65536 / 102529
+    expected_attr = [8 / 17, 256 / 1057, 4096 / 102529, p2 * p2, p2 * p2, (1 / 102529) ** 2]
+    assert log_attr.tolist() == pytest.approx([math.log(p) for p in expected_attr], rel=1e-12)
+
+    log_q_prime = torch.tensor([[-5.0, -4.0, -3.0], [-2.0, -6.0, -1.0]], dtype=torch.float64)
+    log_p = log_q_prime + torch.tensor([[0.0, math.log(2), math.log(4)], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    w = steerlm.importance_weights(log_attr.view(2, 3), log_p, log_q_prime)
+    c1 = [8 / 17, 512 / 1057, 16384 / 102529]
+    big = 65536**2
+    expected_w = [[c / sum(c1) for c in c1], [big / (2 * big + 1), big / (2 * big + 1), 1 / (2 * big + 1)]]
+    assert w.tolist()[0] == pytest.approx(expected_w[0], rel=1e-12)
+    assert w.tolist()[1] == pytest.approx(expected_w[1], rel=1e-12)
+
+    log_q_theta = log_q_prime + torch.tensor(
+        [[0.0, math.log(2), math.log(2)], [math.log(3), 0.0, 0.0]], dtype=torch.float64
+    )
+    b = steerlm.baseline_weights(log_q_theta, log_q_prime)
+    expected_b = [[0.2, 0.4, 0.4], [0.6, 0.2, 0.2]]
+    assert b.tolist()[0] == pytest.approx(expected_b[0], rel=1e-12)
+    assert b.tolist()[1] == pytest.approx(expected_b[1], rel=1e-12)
+    kl = [sum(wi * math.log(wi / bi) for wi, bi in zip(wg, bg)) for wg, bg in zip(expected_w, expected_b)]
+    assert steerlm.weights_kl(w, b).tolist() == pytest.approx(kl, rel=1e-9)
+    assert steerlm.weights_kl(b, b).tolist() == pytest.approx([0.0, 0.0], abs=1e-15)
+
+    # the weighted NLL: coef (w' - b') 0.5 and -0.5, NLL 1 + 2 = 3 and 1 (pad masked), group mean length 2:
+    # 0.5 * 3 / 2 - 0.5 * 1 / 2 = 0.5
+    logprobs = torch.tensor([[-1.0, -2.0, -7.0], [-1.0, -9.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    loss = steerlm.steer2_loss(logprobs, mask, torch.tensor([0.5, -0.5]), torch.tensor([2.0, 2.0]))
+    assert loss.item() == pytest.approx(0.5)
+
+
+def test_steer2_gradient_is_zero_when_w_equals_b(demo_base):
+    """w' = b' makes the loss's gradient exactly 0 (the model is already the target on these samples); w' != b' does
+    not (so the first check is not vacuous)."""
+    from common.generation import response_logprobs
+    from common.models import load_causal_lm
+
+    model = load_causal_lm(str(demo_base), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    queries = torch.randint(5, 200, (6, 5), generator=g)
+    responses = torch.randint(5, 200, (6, 7), generator=g)
+    mask = torch.ones(6, 7)
+    mask[1, 4:] = 0
+    logprobs = response_logprobs(model, queries, responses, pad_id=0, temperature=1.0)
+    log_q = (logprobs.detach() * mask).sum(-1).view(2, 3)
+    b = steerlm.baseline_weights(log_q, log_q + torch.tensor([[0.3, -1.0, 2.0], [0.0, 0.5, -0.5]]))
+    norm = mask.sum(-1).view(2, 3).mean(-1, keepdim=True).expand(-1, 3).reshape(-1)
+    for w, zero in ((b.clone(), True), (torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]), False)):
+        model.zero_grad(set_to_none=True)
+        steerlm.steer2_loss(logprobs, mask, (w - b).reshape(-1), norm).backward(retain_graph=True)
+        grads = [p.grad.abs().max().item() for p in model.parameters() if p.grad is not None]
+        assert grads, "no gradient reached the model"
+        assert (max(grads) == 0.0) == zero, max(grads)
+
+
+def test_steer2_resume_across_iterations_and_two_processes(demo_base, tmp_path):
+    """Two iterations straight equal one iteration, then --resume to two: the same steps logged (loss, KL) and the
+    same weights. Two processes (torchrun) log the same steps too: each rank samples its share of every minibatch,
+    keyed by position. Q' and P(y|x) are both the demo base model; the requests are demo rows labelled by rule."""
+    import tyro
+    from safetensors.torch import load_file
+
+    rows = [r | {"attributes": steerlm.demo_rules(r["prompt"], r["completion"])}
+            for r in demo_task.sft_rows(seed=5, n=40)]  # fmt: skip
+    path = demo_task.write_jsonl(rows, tmp_path / "requests.jsonl")
+    flags = ["--model-path", str(demo_base), "--sft-model-path", str(demo_base), "--data", str(path),
+             "--prompts-per-iteration", "8", "--num-samples", "3", "--num-minibatches", "2",
+             "--epochs-per-iteration", "2", "--max-new-tokens", "12", "--learning-rate", "1e-3",
+             "--demo-eval-prompts", "0", "--steer-prompts", "0"]  # fmt: skip
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+    def run(out, iterations, resume=False):
+        more = ["--output-dir", str(out), "--iterations", str(iterations)] + (["--resume"] if resume else [])
+        try:
+            return steerlm.steer2_stage(tyro.cli(steerlm.Steer2Args, args=flags + more), init_distributed())
+        finally:
+            signal.signal(signal.SIGINT, saved[0])
+            signal.signal(signal.SIGTERM, saved[1])
+
+    def logged(out) -> list[float]:
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        found = [(x["step"], x["steer2/loss"], x["steer2/kl"]) for x in lines if "steer2/loss" in x]
+        assert [step for step, _, _ in found] == list(range(1, 9)), found
+        return [v for row in found for v in row]
+
+    run(tmp_path / "straight", 2)
+    run(tmp_path / "resumed", 1)
+    assert json.loads((tmp_path / "resumed" / "trainer_state" / "COMPLETE").read_text())["step"] == 1
+    run(tmp_path / "resumed", 2, resume=True)
+    straight = logged(tmp_path / "straight")
+    assert logged(tmp_path / "resumed") == pytest.approx(straight, rel=1e-5, abs=1e-7)
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    start = load_file(demo_base / "model.safetensors")
+    assert max((a[k] - start[k]).abs().max().item() for k in start) > 1e-4  # training moved the weights
+
+    run_script("steerlm.py", "steer2", *flags, "--output-dir", str(tmp_path / "two"), "--iterations", "2", nproc=2)
+    assert logged(tmp_path / "two") == pytest.approx(straight, rel=1e-4, abs=1e-6)
+
+
+def test_steer2_bad_request_names_file_row_and_field(demo_base, tmp_path):
+    good = {"prompt": "Add 1 and 2.", "completion": "3", "attributes": {"correctness": 4, "verbosity": 0}}
+    path = demo_task.write_jsonl([good] * 3 + [good | {"attributes": {"verbosity": 7}}], tmp_path / "bad.jsonl")
+    args = steerlm.Steer2Args(model_path=str(demo_base), sft_model_path=str(demo_base), data=str(path),
+                              output_dir=str(tmp_path / "o"))  # fmt: skip
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(
+            data.DataError, match=re.escape(f"{path}: row 4, field 'attributes.verbosity': 7.0 is outside 0..4")
+        ):
+            steerlm.steer2_stage(args, init_distributed())
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
