@@ -99,8 +99,13 @@ def _dcp_state(models: dict, optimizers: dict) -> dict:
 
     for m in models.values():
         reshard(m)
-    options = StateDictOptions(ignore_frozen_params=True)
-    state = {f"model.{k}": get_model_state_dict(m, options=options) for k, m in models.items()}
+    state = {}
+    for k, m in models.items():
+        # every name of a frozen tensor: a tied one (lm_head.weight = the embeddings) is listed once by
+        # named_parameters(), and ignore_frozen_params misses its second name
+        frozen = {n for n, p in m.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        full = get_model_state_dict(m, options=StateDictOptions(ignore_frozen_params=True))
+        state[f"model.{k}"] = {name: t for name, t in full.items() if name not in frozen}
     for k, opt in optimizers.items():
         state[f"optim.{k}"] = get_optimizer_state_dict(models[k], opt)
     return state
