@@ -41,7 +41,8 @@ class LoraArgs:
     """LoRA scale numerator: the update is (alpha / r) B A"""
     lora_dropout: float = 0.0
     """dropout on the adapters' input in train mode; 0 like every dropout here (`common.models.disable_dropout`):
-    with it the policy's train-mode forward is not its no-grad one (PPO's first ratio is not 1)"""
+    with it the train-mode forward differs from the no-grad one once B is non-zero (PPO's ratio on the same weights
+    is not 1)"""
     lora_target_modules: list[str] | None = None
     """names of the linear layers that get adapters, e.g. `q_proj v_proj`; default: every linear layer of the
     decoder blocks. A name the model has not is an error that lists the names it has"""

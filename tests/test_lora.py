@@ -195,6 +195,7 @@ def test_dpo_lora_run(dpo_run, demo_base):
 
     out, stdout = dpo_run
     assert losses(out)[0] == pytest.approx(LOG2, abs=1e-6)
+    assert max(abs(x - LOG2) for x in losses(out)[1:]) > 1e-3  # the reference stayed put while the policy moved
     assert f"reference model: {lora.REFERENCE_NOTE}" in stdout
     assert "with the LoRA adapters disabled" in stdout
     keys = dcp.FileSystemReader(str(out / "trainer_state")).read_metadata().state_dict_metadata
