@@ -2,9 +2,11 @@
 
 Not a test: prints a markdown table. Every run is the script itself (`python dpo.py ...`) in a fresh child process
 with OMP_NUM_THREADS=1, so one run's allocations never count in another's; the sides alternate (full, LoRA, full,
-LoRA, ...) so that a change in the machine's load hits both, and the table reports medians over --repeats.
+LoRA, ... and LoRA first for every other script) so that a change in the machine's load hits both, and the table
+reports medians over --repeats.
 
-    OMP_NUM_THREADS=1 python bench/lora_memory.py                      # 151M-parameter Llama, 3 steps per run
+    OMP_NUM_THREADS=1 python bench/lora_memory.py                      # 151M-parameter Llama, 3 steps, 2 repeats
+    python bench/lora_memory.py --steps 2 --repeats 1                  # what fits in ~15 min on a loaded 2-core CPU
     python bench/lora_memory.py --hidden-size 768 --layers 8 --repeats 1
 
 Model (built once under --work-dir): a random-initialised Llama with the demo tokenizer (common.models.
@@ -124,9 +126,9 @@ def main() -> None:
     policy, rm, params = build_models(work, args.hidden_size, args.layers)
     started = time.time()
     results: dict[tuple[str, str], list[dict]] = {}
-    for script in args.scripts.split(","):
+    for k, script in enumerate(args.scripts.split(",")):
         for rep in range(args.repeats):
-            sides = ("full", "lora") if rep % 2 == 0 else ("lora", "full")  # alternate which side goes first
+            sides = ("full", "lora") if (k + rep) % 2 == 0 else ("lora", "full")  # alternate which side goes first
             for side in sides:
                 out = work / "runs" / side
                 cmd = commands(policy, rm, args.steps, out)[script]

@@ -208,13 +208,16 @@ def test_dpo_lora_run(dpo_run, demo_base):
     assert changed and all(k.split(".")[-2] in TARGETS for k in changed), sorted(changed)
 
 
-def test_dpo_lora_two_processes_kill9_resume_match_one(dpo_run, demo_base, files, tmp_path):
+def test_dpo_lora_two_processes_then_kill9_resume_on_one_match_one(dpo_run, demo_base, files, tmp_path):
     """FSDP2 on 2 processes (2 x 4 pairs) killed with -9 after a checkpoint (adapters + optimizer only) and a step
-    logged past it; --resume reloads the base from --model-path and the adapters from trainer_state/: the losses
-    are the 1-process uninterrupted run's (1 x 8 pairs)."""
+    logged past it, then --resume on 1 process (1 x 8 pairs), which reloads the base from --model-path and the
+    adapters from trainer_state/: every loss is the 1-process uninterrupted run's, those of the 2-process steps
+    and those after the resume."""
     expected = losses(dpo_run[0])
     out = tmp_path / "killed"
-    args = [*dpo_args(demo_base, files), "--local-micro-batch-size", "4", "--output-dir", str(out), "--save-every", "2"]
+    args = [*dpo_args(demo_base, files), "--output-dir", str(out), "--save-every", "2"]
+    micro = args.index("--local-micro-batch-size") + 1
+    args[micro] = "4"  # x 2 ranks = the 1-process run's 8
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     complete, deadline = out / "trainer_state" / "COMPLETE", time.time() + 300
@@ -239,7 +242,8 @@ def test_dpo_lora_two_processes_kill9_resume_match_one(dpo_run, demo_base, files
         proc.wait()
     saved = json.loads(complete.read_text())["step"]
     assert 0 < saved < 6 and json.loads(complete.read_text())["world_size"] == 2
-    resumed = run_script(*args, "--resume", nproc=2)
+    args[micro] = "8"  # the same global batch on one process
+    resumed = run_script(*args, "--resume")  # the 2-rank checkpoint resharded onto 1 (DCP)
     assert f"start_step={saved}" in resumed.stdout, [
         line for line in resumed.stdout.splitlines() if "start_step" in line
     ]
