@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -47,9 +47,10 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data
+from common import checkpoint, data, lora
 from common.dist import autocast, cleanup, init_distributed, seed_everything, wrap_model
 from common.generation import demo_eval
+from common.lora import LoraArgs
 from common.models import load_causal_lm, load_tokenizer, weights_fingerprint
 from common.tracking import make_tracker
 from common.training import Schedule, StopSignal, make_optimizer, make_scheduler, nonfinite_step, optimizer_step
@@ -96,6 +97,9 @@ class Args:
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
+
+    lora: tyro.conf.OmitArgPrefixes[LoraArgs] = field(default_factory=LoraArgs)
+    """LoRA adapters instead of full fine-tuning: --lora-r > 0 (common/lora.py, docs/lora.md)"""
 
     # --- optimiser ---
     learning_rate: float = 1e-4
@@ -470,10 +474,14 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.model_path, chat_template=args.chat_template)
     model = load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation,
                            vocab_size=len(tokenizer))  # fmt: skip
+    model = lora.apply_lora(model, args.lora)  # --lora-r > 0: only adapters are trained
     model = wrap_model(model, dist, activation_checkpointing=args.activation_checkpointing)
     ref_path = args.ref_model_path or args.model_path
     ref_model = None
-    if uses_ref:
+    shared_ref = uses_ref and lora.shares_reference(args.lora, args.ref_model_path, args.model_path)
+    if shared_ref:  # the starting model = the policy with its adapters off: no second copy
+        ref_model = lora.AdaptersOff(model)
+    elif uses_ref:
         ref_model = wrap_model(
             load_causal_lm(
                 ref_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=len(tokenizer)
@@ -513,7 +521,7 @@ if __name__ == "__main__":
 
     # 3. reference log-probs: precomputed once (cached on disk) or per batch from the frozen reference
     width = 2 if mismatched or not kto else 1
-    ref_source = f"computed per batch by {ref_path}"
+    ref_source = f"computed per batch by {ref_path}" + (" with the LoRA adapters disabled" if shared_ref else "")
     if not uses_ref:
         train_ref, eval_ref = torch.zeros(len(train.records), width), torch.zeros(len(evals.records), width)
         ref_source = "none (simpo)"
@@ -561,6 +569,8 @@ if __name__ == "__main__":
         f"start_step={start_step}"
     )
     tracker.print(f"reference log-probs: {ref_source}")
+    if shared_ref:
+        tracker.print(f"reference model: {lora.REFERENCE_NOTE}")
     for err in (parsed.errors + train.errors)[:5]:
         tracker.print(f"skipped: {err}")
 

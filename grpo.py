@@ -44,13 +44,13 @@ Run (no flags: policy out/sft, demo prompts, the demo task's grader as the rewar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import tyro
 
-from common import checkpoint, data, rewards
+from common import checkpoint, data, lora, rewards
 from common.dist import autocast, cleanup, exact_div, init_distributed, sampling_generator, seed_everything, wrap_model
 from common.generation import (
     clock,
@@ -62,6 +62,7 @@ from common.generation import (
     response_logprobs,
     truncate_after_eos,
 )
+from common.lora import LoraArgs
 from common.models import end_of_turn_ids, load_causal_lm, load_tokenizer
 from common.rewards import combine_rewards
 from common.tracking import make_tracker
@@ -120,6 +121,9 @@ class Args:
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
+
+    lora: tyro.conf.OmitArgPrefixes[LoraArgs] = field(default_factory=LoraArgs)
+    """LoRA adapters instead of full fine-tuning: --lora-r > 0 (common/lora.py, docs/lora.md)"""
 
     # --- optimiser ---
     learning_rate: float = 5e-5
@@ -408,10 +412,15 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.model_path, padding_side="left", chat_template=args.chat_template)
     pad_id, eos_ids = tokenizer.pad_token_id, end_of_turn_ids(tokenizer, args.model_path)  # Llama-3 Instruct: two
     vocab = len(tokenizer)  # load_tokenizer may have added a pad or template tokens: the embeddings grow to match
-    policy = wrap_model(load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation,
-                                       vocab_size=vocab), dist, activation_checkpointing=args.activation_checkpointing)  # fmt: skip
+    policy = load_causal_lm(
+        args.model_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=vocab
+    )
+    policy = lora.apply_lora(policy, args.lora)  # --lora-r > 0: only adapters are trained
+    policy = wrap_model(policy, dist, activation_checkpointing=args.activation_checkpointing)
     ref_policy = None
-    if args.kl_coef > 0:
+    if args.kl_coef > 0 and lora.enabled(args.lora):  # the starting model = the policy with its adapters off
+        ref_policy = lora.AdaptersOff(policy)
+    elif args.kl_coef > 0:
         ref_policy = wrap_model(
             load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=vocab),
             dist, trainable=False,
@@ -450,10 +459,12 @@ if __name__ == "__main__":
         f"world_size={dist.world_size} rollout_batch_size={rollout_batch_size} prompts x {G} samples "
         f"local_mini_batch_size={local_mini_batch_size} local_micro_batch_size={local_micro_batch_size} "
         f"num_updates={num_updates} prompts={len(prompts.records)} skipped_rows={parsed.skipped + prompts.skipped} "
-        f"{sources.describe()} reference={'loaded' if ref_policy is not None else 'none (kl_coef 0)'} "
+        f"{sources.describe()} reference={'none (kl_coef 0)' if ref_policy is None else 'policy, adapters off' if lora.enabled(args.lora) else 'loaded'} "
         f"old_logprobs={'reused' if reuse_logprobs else 'forward'} "
         f"start_update={start_update}"
     )
+    if isinstance(ref_policy, lora.AdaptersOff):
+        tracker.print(f"reference model: {lora.REFERENCE_NOTE}")
 
     def save(update: int) -> None:
         extra = {"step": update, "scheduler": scheduler.state_dict(), "skipped_minibatches": skipped,

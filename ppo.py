@@ -28,14 +28,14 @@ Run (no flags: policy out/sft, reward model out/reward_model, demo prompts, < 10
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import tyro
 from transformers import AutoConfig
 
-from common import checkpoint, data, rewards
+from common import checkpoint, data, lora, rewards
 from common.dist import (
     autocast,
     cleanup,
@@ -56,6 +56,7 @@ from common.generation import (
     sequence_inputs,
     truncate_after_eos,
 )
+from common.lora import LoraArgs
 from common.models import end_of_turn_ids, load_causal_lm, load_sequence_classifier, load_tokenizer
 from common.tracking import make_tracker
 from common.training import (
@@ -93,6 +94,8 @@ class Args:
     """frozen reward model (AutoModelForSequenceClassification with one output)"""
     value_init: Literal["reward", "policy"] = "reward"
     """initialise the value model from the reward model (InstructGPT) or from the policy with a new head"""
+    value_lora: bool = False
+    """with --lora-r > 0, train the value model as LoRA adapters + its score head too (default: all of it)"""
     data: str = "demo"
     """prompts ({"prompt": str|messages}; SFT rows give their prompt); `demo` = the built-in task"""
     max_prompt_len: int = 64
@@ -104,6 +107,9 @@ class Args:
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
+
+    lora: tyro.conf.OmitArgPrefixes[LoraArgs] = field(default_factory=LoraArgs)
+    """LoRA adapters instead of full fine-tuning: --lora-r > 0 (common/lora.py, docs/lora.md)"""
 
     # --- optimiser ---
     learning_rate: float = 5e-5
@@ -337,23 +343,33 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.model_path, padding_side="left", chat_template=args.chat_template)
     eos_ids = end_of_turn_ids(tokenizer, args.model_path)  # every id that ends a reply (Llama-3 Instruct: two)
     vocab = len(tokenizer)  # load_tokenizer may have added a pad or template tokens: the embeddings grow to match
-    policy = wrap_model(load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation,
-                                       vocab_size=vocab), dist, activation_checkpointing=args.activation_checkpointing)  # fmt: skip
-    ref_policy = wrap_model(
-        load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=vocab),
-        dist,
-        trainable=False,
+    policy = load_causal_lm(
+        args.model_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=vocab
     )
+    policy = lora.apply_lora(policy, args.lora)  # --lora-r > 0: only adapters are trained
+    policy = wrap_model(policy, dist, activation_checkpointing=args.activation_checkpointing)
+    if lora.enabled(args.lora):  # the reference is the starting model = the policy with its adapters off
+        ref_policy = lora.AdaptersOff(policy)
+    else:
+        ref_policy = wrap_model(
+            load_causal_lm(
+                args.model_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=vocab
+            ),
+            dist,
+            trainable=False,
+        )
     rm_config = AutoConfig.from_pretrained(args.reward_model_path)
     if rm_config.num_labels != 1:
         raise ValueError(f"{args.reward_model_path}: a reward model with {rm_config.num_labels} outputs; PPO needs 1")
     reward_model = wrap_model(load_sequence_classifier(args.reward_model_path, dist.device, 1, attn_implementation=args.attn_implementation,
                                                        pad_token_id=tokenizer.pad_token_id, vocab_size=vocab), dist, trainable=False)  # fmt: skip
     value_path = args.reward_model_path if args.value_init == "reward" else args.model_path
-    value_model = wrap_model(load_sequence_classifier(value_path, dist.device, 1, attn_implementation=args.attn_implementation,
-                                                      pad_token_id=tokenizer.pad_token_id, init_head=args.value_init == "policy",
-                                                      vocab_size=vocab),
-                             dist, activation_checkpointing=args.activation_checkpointing)  # fmt: skip
+    value_model = load_sequence_classifier(value_path, dist.device, 1, attn_implementation=args.attn_implementation,
+                                           pad_token_id=tokenizer.pad_token_id, init_head=args.value_init == "policy",
+                                           vocab_size=vocab)  # fmt: skip
+    if args.value_lora:
+        value_model = lora.apply_lora(value_model, args.lora, task="seq_cls")
+    value_model = wrap_model(value_model, dist, activation_checkpointing=args.activation_checkpointing)
     score_mean = getattr(rm_config, "score_mean", None) if args.normalize_reward else None
     score_std = getattr(rm_config, "score_std", None) if args.normalize_reward else None
 
@@ -391,6 +407,8 @@ if __name__ == "__main__":
         f"local_micro_batch_size={local_micro_batch_size} num_updates={num_updates} prompts={len(prompts.records)} "
         f"skipped_rows={parsed.skipped + prompts.skipped} reward_norm={(score_mean, score_std)} start_update={start_update}"
     )
+    if lora.enabled(args.lora):
+        tracker.print(f"reference model: {lora.REFERENCE_NOTE}")
 
     def save(update: int) -> None:
         extra = {

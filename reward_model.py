@@ -30,15 +30,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data, rewards
+from common import checkpoint, data, lora, rewards
 from common.dist import autocast, cleanup, init_distributed, seed_everything, wrap_model
+from common.lora import LoraArgs
 from common.models import end_of_turn_ids, load_sequence_classifier, load_tokenizer
 from common.tracking import make_tracker
 from common.training import Schedule, StopSignal, make_optimizer, make_scheduler, nonfinite_step, optimizer_step
@@ -82,6 +83,9 @@ class Args:
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
+
+    lora: tyro.conf.OmitArgPrefixes[LoraArgs] = field(default_factory=LoraArgs)
+    """LoRA adapters instead of full fine-tuning: --lora-r > 0 (common/lora.py, docs/lora.md)"""
 
     # --- optimiser ---
     learning_rate: float = 5e-4
@@ -263,6 +267,7 @@ if __name__ == "__main__":
         args.model_path, dist.device, num_labels, attn_implementation=args.attn_implementation,
         pad_token_id=tokenizer.pad_token_id, init_head=fresh_head and not args.resume, vocab_size=len(tokenizer),
     )  # fmt: skip
+    model = lora.apply_lora(model, args.lora, task="seq_cls")  # --lora-r > 0: adapters + the score head are trained
     model = wrap_model(model, dist, activation_checkpointing=args.activation_checkpointing)
 
     # 3. batch sizes, optimiser, schedule, resume

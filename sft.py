@@ -20,15 +20,16 @@ Run (no flags: the built-in demo task, a tiny Llama built from scratch, ~3 minut
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import tyro
 
-from common import checkpoint, data
+from common import checkpoint, data, lora
 from common.dist import autocast, cleanup, init_distributed, seed_everything, wrap_model
 from common.generation import demo_eval
+from common.lora import LoraArgs
 from common.models import load_causal_lm, load_tokenizer, resolve_model_path
 from common.tracking import make_tracker
 from common.training import (
@@ -78,6 +79,9 @@ class Args:
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
+
+    lora: tyro.conf.OmitArgPrefixes[LoraArgs] = field(default_factory=LoraArgs)
+    """LoRA adapters instead of full fine-tuning: --lora-r > 0 (common/lora.py, docs/lora.md)"""
 
     # --- optimiser ---
     learning_rate: float = 2e-3
@@ -163,6 +167,7 @@ if __name__ == "__main__":
     model = load_causal_lm(
         model_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=len(tokenizer)
     )
+    model = lora.apply_lora(model, args.lora)  # --lora-r > 0: only adapters are trained
     model = wrap_model(model, dist, activation_checkpointing=args.activation_checkpointing)
 
     # 2. data: parse every row (errors name file, row and field), tokenize, hold out an eval set, pack

@@ -49,7 +49,7 @@ Run (no flags: from out/sft on 8192 demo SFT prompts, 2 iterations, ~5 minutes o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -57,9 +57,10 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import checkpoint, data
+from common import checkpoint, data, lora
 from common.dist import autocast, cleanup, init_distributed, reshard, sampling_generator, seed_everything, wrap_model
 from common.generation import demo_eval, generate, paired_difference
+from common.lora import LoraArgs
 from common.models import end_of_turn_ids, load_causal_lm, load_tokenizer
 from common.tracking import make_tracker
 from common.training import (
@@ -114,6 +115,9 @@ class Args:
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
+
+    lora: tyro.conf.OmitArgPrefixes[LoraArgs] = field(default_factory=LoraArgs)
+    """LoRA adapters instead of full fine-tuning: --lora-r > 0 (common/lora.py, docs/lora.md)"""
 
     # --- optimiser ---
     learning_rate: float = 1e-4
@@ -395,6 +399,7 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.model_path, chat_template=args.chat_template)
     model = load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation,
                            vocab_size=len(tokenizer))  # fmt: skip
+    model = lora.apply_lora(model, args.lora)  # --lora-r > 0: only adapters are trained
     model = wrap_model(model, dist, activation_checkpointing=args.activation_checkpointing)
 
     # 2. data: SFT rows -> (prompt, gold); errors name file, row and field

@@ -60,16 +60,17 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
 import tyro
 
-from common import checkpoint, data, demo_task, rewards
+from common import checkpoint, data, demo_task, lora, rewards
 from common.dist import autocast, cleanup, exact_div, init_distributed, sampling_generator, seed_everything, wrap_model
 from common.generation import clock, demo_eval, generate, response_logprobs, sample_key, truncate_after_eos
+from common.lora import LoraArgs
 from common.models import (
     end_of_turn_ids,
     load_causal_lm,
@@ -156,6 +157,9 @@ class TrainArgs:
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
+
+    lora: tyro.conf.OmitArgPrefixes[LoraArgs] = field(default_factory=LoraArgs)
+    """LoRA adapters instead of full fine-tuning: --lora-r > 0 (common/lora.py, docs/lora.md)"""
 
     # --- optimiser ---
     learning_rate: float = 1e-3
@@ -866,6 +870,7 @@ def train_stage(args: TrainArgs, dist) -> dict:
         notes.append("the chat template ignores `attributes`: they are given as a system message 'Attributes: ...'")
     model = load_causal_lm(model_path, dist.device, attn_implementation=args.attn_implementation,
                            vocab_size=len(tokenizer))  # fmt: skip
+    model = lora.apply_lora(model, args.lora)  # --lora-r > 0: only adapters are trained
     model = wrap_model(model, dist, activation_checkpointing=args.activation_checkpointing)
 
     # 2. data: parse every row (errors name file, row and field), write the attributes into the header, tokenize

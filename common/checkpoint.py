@@ -39,8 +39,15 @@ def _full_state_dict(model: torch.nn.Module) -> dict:
 
 
 def export_pretrained(model, tokenizer, output_dir: str | Path, dist, config_updates: dict | None = None) -> None:
-    """Write `model` (gathered from its shards) and `tokenizer` as an HF directory; collective under torchrun."""
-    state_dict = _full_state_dict(model)  # every rank takes part in the gather; rank 0 receives it
+    """Write `model` (gathered from its shards) and `tokenizer` as an HF directory; collective under torchrun.
+
+    A LoRA model (`common.lora`) is written merged (a plain model) or as peft's adapter directory (--lora-export)."""
+    from common import lora
+
+    if lora.is_lora(model):
+        model, state_dict = lora.export_model(model, dist)  # collective; the merged model or adapters on rank 0
+    else:
+        state_dict = _full_state_dict(model)  # every rank takes part in the gather; rank 0 receives it
     if dist.is_main:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -50,11 +57,12 @@ def export_pretrained(model, tokenizer, output_dir: str | Path, dist, config_upd
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        # FSDP2 renames the class (FSDPLlamaForCausalLM); transformers must see the real architecture name.
-        config["architectures"] = [type(model).__name__.removeprefix("FSDP")]
-        config.update(config_updates or {})
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if config_path.exists():  # not in a LoRA adapter directory
+            config = json.loads(config_path.read_text())
+            # FSDP2 renames the class (FSDPLlamaForCausalLM); transformers must see the real architecture name.
+            config["architectures"] = [type(model).__name__.removeprefix("FSDP")]
+            config.update(config_updates or {})
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for f in sorted(tmp.iterdir()):
             os.replace(f, output_dir / f.name)  # atomic per file; the old file stays valid until replaced
         tmp.rmdir()
@@ -85,11 +93,19 @@ def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
 
 
 def _dcp_state(models: dict, optimizers: dict) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    """The trainable parameters (and buffers) of each model and its optimizer's state: a LoRA model's frozen base
+    weights are not saved, they are reloaded from --model-path (`common.lora`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     for m in models.values():
         reshard(m)
-    state = {f"model.{k}": get_model_state_dict(m) for k, m in models.items()}
+    state = {}
+    for k, m in models.items():
+        # every name of a frozen tensor: a tied one (lm_head.weight = the embeddings) is listed once by
+        # named_parameters(), and ignore_frozen_params misses its second name
+        frozen = {n for n, p in m.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        full = get_model_state_dict(m, options=StateDictOptions(ignore_frozen_params=True))
+        state[f"model.{k}"] = {name: t for name, t in full.items() if name not in frozen}
     for k, opt in optimizers.items():
         state[f"optim.{k}"] = get_optimizer_state_dict(models[k], opt)
     return state
@@ -148,7 +164,7 @@ def load_trainer_state(
 ) -> dict:
     """Restore what `save_trainer_state` wrote, in place; returns its `extra` dict."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     path = find_trainer_state(output_dir)
     if path is None:
@@ -158,7 +174,9 @@ def load_trainer_state(
         warnings.simplefilter("ignore")
         dcp.load(state, checkpoint_id=str(path))
     for k, m in models.items():
-        set_model_state_dict(m, state[f"model.{k}"])
+        # dcp.load above failed on any missing trainable key; what is not in the state is the frozen base
+        frozen = any(not p.requires_grad for p in m.parameters())
+        set_model_state_dict(m, state[f"model.{k}"], options=StateDictOptions(strict=not frozen))
     for k, opt in optimizers.items():
         set_optimizer_state_dict(models[k], opt, state[f"optim.{k}"])
     saved_world = json.loads((path / "COMPLETE").read_text())["world_size"]

@@ -21,6 +21,7 @@ from kernels import selective_logprob
 
 def _cache_keyword(model) -> str:
     """transformers renamed `past_key_values` to `cache` (5.2x); accept both so older installs work."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft (LoRA) passes kwargs on
     params = inspect.signature(type(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 

@@ -97,8 +97,10 @@ def nonfinite_step(loss_sum: torch.Tensor, step: int, dist, skip: bool) -> bool:
 
 
 def grad_norm_clip(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm (works on FSDP2's sharded DTensor gradients); returns the norm."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    """Clip the global gradient norm of the trainable parameters (a LoRA model: the adapters; works on FSDP2's sharded
+    DTensor gradients); returns the norm."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
