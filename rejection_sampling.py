@@ -29,13 +29,13 @@ Run (no flags: policy out/sft, demo prompts, the demo task's grader as the rewar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import tyro
 
-from common import checkpoint, data, rewards
+from common import checkpoint, data, lora, rewards
 from common.dist import autocast, cleanup, exact_div, init_distributed, sampling_generator, seed_everything, wrap_model
 from common.generation import (
     clock,
@@ -46,6 +46,7 @@ from common.generation import (
     paired_difference,
     truncate_after_eos,
 )
+from common.lora import LoraArgs
 from common.models import end_of_turn_ids, load_causal_lm, load_tokenizer
 from common.tracking import make_tracker
 from common.training import (
@@ -100,6 +101,9 @@ class Args:
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
+
+    lora: tyro.conf.OmitArgPrefixes[LoraArgs] = field(default_factory=LoraArgs)
+    """LoRA adapters instead of full fine-tuning: --lora-r > 0 (common/lora.py, docs/lora.md)"""
 
     # --- optimiser ---
     learning_rate: float = 1e-4
@@ -222,8 +226,11 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.model_path, padding_side="left", chat_template=args.chat_template)
     pad_id, eos_ids = tokenizer.pad_token_id, end_of_turn_ids(tokenizer, args.model_path)
     vocab = len(tokenizer)
-    policy = wrap_model(load_causal_lm(args.model_path, dist.device, attn_implementation=args.attn_implementation,
-                                       vocab_size=vocab), dist, activation_checkpointing=args.activation_checkpointing)  # fmt: skip
+    policy = load_causal_lm(
+        args.model_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=vocab
+    )
+    policy = lora.apply_lora(policy, args.lora)  # --lora-r > 0: only adapters are trained
+    policy = wrap_model(policy, dist, activation_checkpointing=args.activation_checkpointing)
 
     # 2. rewards: functions and/or a reward model, with weights (common.rewards: as grpo.py scores)
     sources = rewards.RewardSources(args.reward_fn, args.reward_model_path, args.reward_weights, args.data,

@@ -171,3 +171,22 @@ def test_reward_function_fault_and_bad_flags(rs_files, tmp_path):
         "rejection_sampling.py", *small(f, "--top-n", "5", "--output-dir", str(tmp_path / "n")), check=False
     )
     assert proc.returncode != 0 and "--top-n must be between 1 and --num-rollouts (4), got 5" in proc.stderr
+
+
+def test_lora_trains_adapters_only(rs_files, tmp_path):
+    """--lora-r: peft adapters on the policy, exported as peft's adapter directory; the base weights are untouched
+    (the adapter-disabled model still gives the base model's logits)."""
+    out = tmp_path / "lora"
+    run_script("rejection_sampling.py", *small(rs_files, "--total-episodes", "4", "--lora-r", "4", "--lora-export",
+                                               "adapter", "--output-dir", str(out)))  # fmt: skip
+    assert (out / "adapter_config.json").exists() and updates(out)[0]["rs/loss"] > 0
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(rs_files["base"]).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(rs_files["base"]), out).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert not torch.allclose(adapted(ids).logits, base(ids).logits)  # the adapters were trained
+        with adapted.disable_adapter():
+            assert torch.equal(adapted(ids).logits, base(ids).logits)
