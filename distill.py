@@ -104,6 +104,8 @@ class Args:
     """offline: held-out SFT rows for eval/kd_loss; default: the last --eval-size rows of --data"""
     eval_size: int = 256
     """offline: rows held out from --data for eval/kd_loss when --eval-data is not given"""
+    max_rows: int = 0
+    """use only the first N training rows of --data (0 = all): the offline cache covers only these"""
     max_seq_len: int = 128
     """tokens per example (longer examples are truncated on the right)"""
     max_prompt_len: int = 64
@@ -224,8 +226,9 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     """
     if not 0.0 < beta <= 1.0:
         raise ValueError(f"--jsd-beta must be in (0, 1], got {beta}")
-    s = torch.log_softmax(student_logits.float() / temperature, -1)
-    t = torch.log_softmax(teacher_logits.float() / temperature, -1)
+    # floored: a masked token (-inf: the pad) has p = 0 in both, and -inf - -inf in the mixture would be NaN
+    s = torch.log_softmax(student_logits.float() / temperature, -1).clamp(min=-1e4)
+    t = torch.log_softmax(teacher_logits.float() / temperature, -1).clamp(min=-1e4)
 
     def kl(logp, logq):  # sum p (log p - log q), 0 where p == 0 (masked vocabulary entries)
         p = logp.exp()
@@ -469,13 +472,13 @@ if __name__ == "__main__":
         def tok(record, context):
             return data.tokenize_sft(tokenizer, record, args.max_seq_len, context)
 
-        train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
+        train = data.tokenize_all(parsed.records[: args.max_rows or None], tok, data_path, args.skip_bad_rows)
         evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
         records, eval_records = train.records, evals.records
         skipped_rows = parsed.skipped + train.skipped
     else:
         parsed = data.parse_rows(data.load_rows(data_path), data.parse_sft, data_path, args.skip_bad_rows)
-        train = data.tokenize_all(parsed.records, lambda r, c: on_policy_record(tokenizer, r, args, c), data_path,
+        train = data.tokenize_all(parsed.records[: args.max_rows or None], lambda r, c: on_policy_record(tokenizer, r, args, c), data_path,
                                   args.skip_bad_rows)  # fmt: skip
         records, eval_records = train.records, []
         skipped_rows = parsed.skipped + train.skipped
