@@ -40,11 +40,15 @@ def rows(tmp_path_factory) -> str:
 def test_student_is_a_cut_of_the_base(models):
     from transformers import AutoModelForCausalLM
 
+    from common.models import ensure_demo_student
+
     teacher = AutoModelForCausalLM.from_pretrained(models["teacher"])
     student = AutoModelForCausalLM.from_pretrained(models["student"])
     assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
     for name, tensor in student.state_dict().items():
         assert torch.equal(tensor, teacher.state_dict()[name]), name  # layers 0-1, embeddings, norm: the base's
+    with pytest.raises(ValueError, match="demo:9: the demo base has 4 layers"):
+        ensure_demo_student(9, base=models["teacher"])
 
 
 def test_on_policy_losses_are_zero_when_student_is_teacher():
@@ -195,6 +199,7 @@ def test_offline_runs_reuses_its_cache_and_refuses_a_stale_one(models, rows, tmp
     assert stale.returncode != 0 and "top-K cache is stale (another teacher or data)" in stale.stderr
 
 
+@pytest.mark.slow  # like the other scripts' fault tests (tests/test_faults.py)
 def test_kill9_then_resume_equals_uninterrupted(on_policy_run, models, rows, tmp_path):
     cmd = ["distill.py", *on_policy_flags(models, rows)]
     proc = start([*cmd, "--save-every", "2"], tmp_path)
