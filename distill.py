@@ -28,7 +28,7 @@ the losses compare distributions token id by token id, so a mismatch is an error
 Departures: the KD temperature divides both models' logits and the loss is not multiplied by T^2 (NeMo-Aligner
 does not either); JSD is plain PyTorch and materialises (N, V) fp32 log-softmaxes (the KLs do not); no packing.
 
-Run (no flags: on-policy, student out/sft_student, teacher out/grpo, demo prompts, a few minutes on 1 CPU core):
+Run (no flags: on-policy, student out/sft_student, teacher out/grpo, demo prompts; 19 min on a busy shared CPU):
     python sft.py --model-path demo:2 --output-dir out/sft_student     # the student: the demo base, 2 of 4 layers
     python distill.py                                                   # on-policy distillation -> out/distill
     python distill.py --mode offline --output-dir out/distill_offline   # top-K cache, then offline KD
