@@ -1,5 +1,5 @@
 """distill.py: the losses by hand, the teacher's top-K cache (round trip, invalidation), the tokenizer check; and
-script runs on tiny models: both modes, 1 vs 2 processes, kill -9 + resume, bad rows, mismatched tokenizers."""
+script runs on tiny models: both modes, 1 vs 2 processes (on-policy), kill -9 + resume, bad rows."""
 
 from __future__ import annotations
 
@@ -182,8 +182,8 @@ def test_on_policy_runs_and_two_processes_match_one(on_policy_run, models, rows,
 
 
 def test_offline_runs_reuses_its_cache_and_refuses_a_stale_one(models, rows, tmp_path):
-    """Stage 1 + 2 in one run; then stage 2 alone from its cache (no teacher loaded: the log says `cached`), on 2
-    processes with the same losses; then stage 2 with other data: the cache is stale, an error."""
+    """Stage 1 + 2 in one run; then stage 2 alone from its cache (no teacher loaded: the log says `cached`) with 4 x 2
+    accumulation instead of 8 x 1: the same losses; then stage 2 with other data: the cache is stale, an error."""
     flags = [*common_flags(models, rows), "--mode", "offline", "--eval-size", "16", "--local-micro-batch-size", "8",
              "--total-steps", "5", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     first = run_script("distill.py", *flags, "--output-dir", str(tmp_path / "a"))
@@ -191,7 +191,7 @@ def test_offline_runs_reuses_its_cache_and_refuses_a_stale_one(models, rows, tmp
     result = json.loads((tmp_path / "a" / "eval.json").read_text())
     assert result["eval/kd_loss"] > 0 and len(losses(tmp_path / "a")) == 5
     second = run_script("distill.py", *flags, "--offline-stage", "train", "--output-dir", str(tmp_path / "b"),
-                        "--local-micro-batch-size", "4", nproc=2)  # fmt: skip
+                        "--local-micro-batch-size", "4", "--gradient-accumulation-steps", "2")  # fmt: skip
     assert "top-K cache cached" in second.stdout
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-5, abs=1e-6)
     stale = run_script("distill.py", *flags, "--offline-stage", "train", "--max-seq-len", "40",
@@ -218,24 +218,14 @@ def test_kill9_then_resume_equals_uninterrupted(on_policy_run, models, rows, tmp
     assert_same_series(series(tmp_path, ("train/loss",)), series(on_policy_run, ("train/loss",)))
 
 
-def test_bad_rows_and_mismatched_tokenizers_stop_with_a_clear_error(models, rows, tmp_path):
+def test_bad_rows_stop_with_a_clear_error(models, rows, tmp_path):
+    """(Mismatched tokenizers: `test_mismatched_tokenizers_are_an_error`; the script calls the same check first.)"""
     path = tmp_path / "bad.jsonl"
     good = {"prompt": "What is 1 + 2?", "completion": "3"}
     path.write_text("\n".join(json.dumps(r) for r in [good] * 20 + [{"prompt": "What is 1 + 2?"}] + [good] * 20))
     flags = [*common_flags(models, rows), "--output-dir", str(tmp_path / "o")]
     proc = run_script("distill.py", *flags, "--data", str(path), check=False)
     assert proc.returncode != 0 and f"{path}: row 21, field 'completion': missing" in proc.stderr
-    other = tmp_path / "other_tokenizer"
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(models["teacher"])
-    tok.add_tokens(["zebra"])
-    tok.save_pretrained(other)
-    for f in Path(models["teacher"]).glob("*.json"):
-        if not (other / f.name).exists():
-            (other / f.name).write_bytes(f.read_bytes())
-    proc = run_script("distill.py", *flags, "--teacher-path", str(other), check=False)
-    assert proc.returncode != 0 and "must share the tokenizer: vocabularies differ (438 vs 439 tokens" in proc.stderr
 
 
 def test_help_documents_every_flag():
