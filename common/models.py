@@ -114,15 +114,46 @@ def ensure_demo_base(path: str | Path = DEMO_BASE_DIR, seed: int = 0) -> Path:
     return path
 
 
-def resolve_model_path(path: str, is_main: bool = True, barrier=None) -> str:
-    """`demo` -> the built-in base model directory (built by the main process); anything else unchanged."""
-    if path != DEMO:
+def ensure_demo_student(num_layers: int, base: str | Path = DEMO_BASE_DIR) -> Path:
+    """Build (once) the demo base cut to its first `num_layers` decoder layers, beside it as `base_<L>l`.
+
+    A smaller demo Llama for distillation (`--model-path demo:2`): the same tokenizer, width and embeddings as
+    the demo base, half the depth; no random numbers are drawn, so it is the same model on every machine.
+    """
+    base = ensure_demo_base(base)
+    path = base.with_name(f"{base.name}_{num_layers}l")
+    if (path / "config.json").exists():
         return path
+    model = AutoModelForCausalLM.from_pretrained(base)
+    total = model.config.num_hidden_layers
+    if not 1 <= num_layers <= total:
+        raise ValueError(f"demo:{num_layers}: the demo base has {total} layers; keep 1 to {total}")
+    model.model.layers = model.model.layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:num_layers]
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    try:
+        tmp.rename(path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def resolve_model_path(path: str, is_main: bool = True, barrier=None) -> str:
+    """`demo` -> the built-in base model directory (built by the main process); `demo:L` -> the demo base cut to
+    its first L layers (`ensure_demo_student`, a distillation student); anything else unchanged."""
+    if path != DEMO and not re.fullmatch(rf"{DEMO}:\d+", path):
+        return path
+    layers = int(path.split(":")[1]) if ":" in path else None
     if is_main:
-        ensure_demo_base()
+        ensure_demo_base() if layers is None else ensure_demo_student(layers)
     if barrier is not None:
         barrier()
-    return str(DEMO_BASE_DIR)
+    return str(DEMO_BASE_DIR if layers is None else DEMO_BASE_DIR.with_name(f"{DEMO_BASE_DIR.name}_{layers}l"))
 
 
 # Chat templates for models that ship none (base models) or whose own one is to be replaced: `--chat-template`.

@@ -9,6 +9,7 @@ from .full_kl import full_kl, full_kl_reference
 from .kl_estimate import kl_estimate
 from .selective_logprob import selective_logprob, selective_logprob_reference
 from .selective_logprob_from_hidden import selective_logprob_from_hidden, selective_logprob_from_hidden_reference
+from .topk_kl import topk_kl, topk_kl_reference, topk_logprob, topk_logprob_reference, topk_of
 
 __all__ = [
     "HAS_TRITON",
@@ -19,4 +20,9 @@ __all__ = [
     "selective_logprob_from_hidden",
     "selective_logprob_from_hidden_reference",
     "selective_logprob_reference",
+    "topk_kl",
+    "topk_kl_reference",
+    "topk_logprob",
+    "topk_logprob_reference",
+    "topk_of",
 ]
