@@ -43,14 +43,14 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 import tyro
 
-from common import checkpoint, data
+from common import checkpoint, data, lora
 from common.dist import autocast, cleanup, init_distributed, seed_everything, wrap_model
 from common.generation import (
     clock,
@@ -62,6 +62,7 @@ from common.generation import (
     sequence_inputs,
     truncate_after_eos,
 )
+from common.lora import LoraArgs
 from common.models import end_of_turn_ids, load_causal_lm, load_tokenizer, resolve_model_path, weights_fingerprint
 from common.tracking import make_tracker
 from common.training import (
@@ -116,6 +117,9 @@ class Args:
     """attention kernel of the HF models"""
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` or a Jinja file; overrides both models' own template (base models have none)"""
+
+    lora: tyro.conf.OmitArgPrefixes[LoraArgs] = field(default_factory=LoraArgs)
+    """LoRA adapters on the student instead of full fine-tuning: --lora-r > 0 (common/lora.py, docs/lora.md)"""
 
     # --- optimiser ---
     learning_rate: float = 1e-3
@@ -462,6 +466,7 @@ if __name__ == "__main__":
         student = load_causal_lm(
             model_path, dist.device, attn_implementation=args.attn_implementation, vocab_size=vocab
         )
+        student = lora.apply_lora(student, args.lora)  # --lora-r > 0: only the student's adapters are trained
         student = wrap_model(student, dist, activation_checkpointing=args.activation_checkpointing)
 
     # 2. data: SFT rows; errors name file, row and field

@@ -233,3 +233,17 @@ def test_help_documents_every_flag():
     for name in distill.Args.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in proc.stdout, name
     assert "the mass outside" in proc.stdout or "outside its top K" in proc.stdout  # --topk-mass says what it does
+
+
+def test_lora_student(models, rows, tmp_path):
+    """--lora-r on the student: two on-policy steps train adapters only; the merged export is a plain model that
+    differs from the student's start only in the adapted (decoder-block linear) weights."""
+    flags = [*common_flags(models, rows), "--local-micro-batch-size", "4", "--total-steps", "2",
+             "--response-length", "10", "--lora-r", "4", "--output-dir", str(tmp_path)]  # fmt: skip
+    proc = run_script("distill.py", *flags)
+    assert "LoRA" in proc.stdout and len(losses(tmp_path)) == 2
+    from safetensors.torch import load_file
+
+    start, end = load_file(Path(models["student"]) / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    changed = {k for k in start if not torch.equal(start[k], end[k])}
+    assert changed and all(k.startswith("model.layers.") and k.endswith("proj.weight") for k in changed), changed
