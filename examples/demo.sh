@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on the built-in demo task (behind `make demo`): SFT -> reward model -> PPO, GRPO (demo grader;
-# reward model), rejection sampling, DPO, SPIN, SteerLM, then one table grading every model the same way
+# reward model), rejection sampling, distillation, DPO, SPIN, SteerLM, then one table grading every model the same way
 # (examples/results.py). Every stage uses its defaults, which point at the demo task and at the previous stage's output; seeds are fixed.
 # Run from the repository root with the project's Python on PATH (`make demo` does both).
 set -euo pipefail
@@ -31,6 +31,10 @@ stage grpo python grpo.py --eval-every 32
 # a learned reward needs a KL term (without one GRPO collapsed onto reward-model hacks: bench/results/grpo_experiments.md)
 stage grpo_rm python grpo.py --reward-model-path out/reward_model --kl-coef 0.15 --kl-in reward --kl-estimator k1 --output-dir out/grpo_rm
 stage rejection_sampling python rejection_sampling.py
+# knowledge distillation into a 2-layer student (the demo base's first 2 of 4 layers), teacher = the GRPO policy
+stage sft_student python sft.py --model-path demo:2 --output-dir out/sft_student
+stage distill python distill.py
+stage distill_offline python distill.py --mode offline --max-rows 9600 --output-dir out/distill_offline
 stage dpo python dpo.py
 stage spin python spin.py
 stage steerlm python steerlm.py

@@ -36,6 +36,9 @@ STAGES = [
     ("GRPO (demo grader reward)", "out/grpo", {}),
     ("GRPO (reward-model reward)", "out/grpo_rm", {}),
     ("Rejection sampling (demo grader reward)", "out/rejection_sampling", {}),
+    ("SFT student (2 layers)", "out/sft_student", {}),
+    ("On-policy distillation (2 layers, teacher GRPO)", "out/distill", {}),
+    ("Offline top-K distillation (2 layers, teacher GRPO)", "out/distill_offline", {}),
     ("DPO", "out/dpo", {}),
     ("SPIN", "out/spin", {}),
     (
