@@ -151,6 +151,8 @@ NAMESPACES = {
     "steerlm.py": {"train", "eval", "perf", "initial", "steer", "contrast", "label"},
     "ppo.py": {"objective", "ppo", "perf", "eval", "initial"},
     "grpo.py": {"objective", "reward", "grpo", "perf", "eval", "initial"},
+    "rejection_sampling.py": {"reward", "rs", "perf", "eval", "initial"},
+    "distill.py": {"train", "eval", "perf", "initial", "distill"},
 }
 METRIC = re.compile(r"^([a-z]+)(?:_\d+)?/[a-z_0-9/{}]+$")
 
@@ -198,7 +200,8 @@ def test_design_metric_names_are_used():
     for script in ("sft.py", "steerlm.py"):
         assert {"train/loss", "eval/loss"} <= metric_literals(ROOT / script), script
     grpo_keys = metric_literals(ROOT / "grpo.py")
-    for key in ["objective/kl", "objective/entropy", "reward/mean", "reward/std", "reward/", "grpo/zero_std_groups",
+    assert "reward/" in metric_literals(ROOT / "common" / "rewards.py")  # reward/<name> of every source (RewardSources)
+    for key in ["objective/kl", "objective/entropy", "reward/mean", "reward/std", "grpo/zero_std_groups",
                 "grpo/clipfrac_low", "grpo/clipfrac_high", "grpo/loss", "grpo/response_length", "grpo/truncated_frac",
                 "perf/tokens_per_sec"]:  # fmt: skip
         assert key in grpo_keys, key
