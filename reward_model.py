@@ -468,17 +468,18 @@ if __name__ == "__main__":
     tracker.close_progress()
 
     # 6. final evaluation; the score statistics (--reward-standardization) go into the config for ppo.py/grpo.py
-    final, held_out = evaluate(model, evals.records, args, dist, tokenizer.pad_token_id, names)
-    if args.reward_standardization == "train":  # every training response, scored as the held-out ones are
-        held_out = evaluate(model, train.records, args, dist, tokenizer.pad_token_id, names)[1]
-    gathered = torch.cat([torch.as_tensor(s) for s in dist.all_gather_object(held_out.cpu())])  # (M, N)
-    mean, std = gathered.mean(0), gathered.std(0)
-    stats_config = {"score_mean": mean.tolist(), "score_std": std.tolist()}
-    if args.objective == "bt":
-        stats_config = {"score_mean": mean.item(), "score_std": std.item()}
-    if args.reward_standardization == "off":  # no statistics (a start model's are cleared): no normalisation
-        stats_config = {"score_mean": None, "score_std": None}
-    final |= {"train/skipped_steps": skipped_steps} | {f"reward/{k}": v for k, v in stats_config.items()}
+    final, scores = evaluate(model, evals.records, args, dist, tokenizer.pad_token_id, names)
+    final["train/skipped_steps"] = skipped_steps
+    stats_config = {"score_mean": None, "score_std": None}  # off: none (also over a start model's): raw scores
+    if args.reward_standardization != "off":
+        if args.reward_standardization == "train":  # every training response, scored as the held-out ones are
+            scores = evaluate(model, train.records, args, dist, tokenizer.pad_token_id, names)[1]
+        gathered = torch.cat([torch.as_tensor(s) for s in dist.all_gather_object(scores.cpu())])  # (M, N)
+        mean, std = gathered.mean(0), gathered.std(0)
+        stats_config = {"score_mean": mean.tolist(), "score_std": std.tolist()}
+        if args.objective == "bt":
+            stats_config = {"score_mean": mean.item(), "score_std": std.item()}
+        final |= {f"reward/{k}": v for k, v in stats_config.items()}
     stats_config["score_stats_from"] = args.reward_standardization
     save(total_steps, stats_config)
     tracker.log(final, total_steps)
