@@ -4,7 +4,11 @@ Bradley-Terry (`--objective bt`, the InstructGPT reward model, Ouyang et al. 202
     loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - m)
 with m = the pair's `margin` field when `--use-margin` (Llama 2, Touvron et al. 2023, eq. 2) and an optional
 reward-centering term c * (r_chosen + r_rejected)^2 (Eisenstein et al. 2023) that pins the free offset of BT
-rewards near 0.
+rewards near 0. That is `--loss regular_bt`; on pairs with a preference strength s (HelpSteer2-Preference, Wang
+et al. 2024) `--loss margin_bt` uses m = |s| and `--loss scaled_bt` weights the pair's loss by |s|:
+    margin_bt: -log sigmoid(r_c - r_r - |s|)        scaled_bt: |s| * -log sigmoid(r_c - r_r)
+With `--reward-output NAME` the pairs train one output of a model with several (a regression attribute model,
+as HelpSteer2-Preference starts its BT models from a helpfulness regression model); the saved model keeps it alone.
 
 Regression (`--objective regression`, SteerLM's attribute-prediction model, Dong et al. 2023): one output per
 attribute, mean squared error over the attributes a row actually has. A missing attribute contributes
@@ -16,11 +20,12 @@ at the last non-pad token), so the saved directory scores identically when loade
 sequence is `common.rewards.reward_model_tokens`: prompt + reply up to and including its end-of-turn (EOS) token,
 without the newline the chat template writes after it, because that is what a generated reply ends with and
 ppo.py/grpo.py score generated replies (the same definition everywhere; see common/rewards.py). The head is initialised N(0, 1/sqrt(H+1)) and chosen and rejected go through one forward.
-After training, `score_mean`/`score_std` of the rewards on the held-out set are written to the config, so
-`ppo.py` can normalise rewards.
+After training, `score_mean`/`score_std` of the rewards on the held-out set (`--reward-standardization train`:
+on every training response; `off`: none) are written to the config, so `ppo.py` and `grpo.py` normalise rewards.
 
 Run (no flags: from out/sft on the demo task's preference pairs, ~1-2 minutes on 2 CPU cores):
     python reward_model.py
+    python reward_model.py --loss scaled_bt                         # demo pairs carry a strength (utility gap)
     python reward_model.py --objective regression --data demo      # demo attributes (SteerLM)
     python reward_model.py --model-path Qwen/Qwen2.5-0.5B-Instruct --data Anthropic/hh-rlhf
     torchrun --nproc_per_node 2 reward_model.py
@@ -28,6 +33,7 @@ Run (no flags: from out/sft on the demo task's preference pairs, ~1-2 minutes on
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -111,7 +117,18 @@ class Args:
 
     # --- method ---
     use_margin: bool = True
-    """bt: subtract the row's `margin` field (when present) inside the sigmoid"""
+    """bt: subtract the row's `margin` field (when present) inside the sigmoid (regular_bt only)"""
+    loss: Literal["regular_bt", "margin_bt", "scaled_bt"] = "regular_bt"
+    """bt: regular_bt -log sigmoid(r_c - r_r - margin); margin_bt -log sigmoid(r_c - r_r - |s|); scaled_bt
+    |s| x -log sigmoid(r_c - r_r), s = the pair's preference strength (HelpSteer2-Preference, Wang et al. 2024)"""
+    strength_column: str = "strength"
+    """margin_bt/scaled_bt: the data column with each pair's preference strength (a number on every row)"""
+    reward_output: str | None = None
+    """bt from a model with several outputs (e.g. a regression attribute model): the output, by name, that the
+    pairs train (e.g. `helpfulness`); the saved reward model keeps that output only"""
+    reward_standardization: Literal["held_out", "train", "off"] = "held_out"
+    """the responses whose score mean/std are stored in the config as score_mean/score_std, which ppo.py and
+    grpo.py normalise rewards with: the held-out set's, every training response's, or none"""
     center_rewards_coefficient: float = 0.0
     """bt: weight of the (r_chosen + r_rejected)^2 centering term (0 = off; 0.01 is typical)"""
     attribute_weights: str = ""
@@ -130,12 +147,66 @@ class Args:
     """recompute activations in backward (less memory, more compute)"""
 
 
-def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, center_coef: float) -> torch.Tensor:
-    """Per-pair Bradley-Terry loss (B,): -log sigmoid(r_c - r_r - m) + c (r_c + r_r)^2."""
+def bt_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor,
+    center_coef: float,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-pair Bradley-Terry loss (B,): w (-log sigmoid(r_c - r_r - m)) + c (r_c + r_r)^2, w = 1 by default."""
     loss = -F.logsigmoid(chosen - rejected - margin)
+    if weight is not None:
+        loss = weight * loss
     if center_coef:
         loss = loss + center_coef * (chosen + rejected) ** 2
     return loss
+
+
+def pair_margin_and_weight(loss: str, margin: float | None, strength: float | None) -> tuple[float, float]:
+    """(m, w) of one pair for `bt_loss` under --loss: regular_bt (the row's margin or 0, 1); margin_bt (|s|, 1);
+    scaled_bt (0, |s|). Only the size of s counts: the pair's order already says which reply is better."""
+    if loss == "regular_bt":
+        return (margin or 0.0), 1.0
+    if strength is None:
+        raise ValueError(f"--loss {loss} needs the pair's preference strength")
+    return (abs(strength), 1.0) if loss == "margin_bt" else (0.0, abs(strength))
+
+
+def output_index(config, name: str | None, path: str) -> int | None:
+    """The output of a model with several outputs that --reward-output names; None for a model with one output
+    or a causal LM (which gets a new one-output head). Names: `attribute_names` (reward_model.py --objective
+    regression) or `id2label`."""
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+    num_labels = config.num_labels if is_classifier else 1
+    if num_labels == 1:
+        if name is not None:
+            raise ValueError(f"--reward-output {name}: {path} has one output (or none yet); leave --reward-output out")
+        return None
+    names = getattr(config, "attribute_names", None) or [config.id2label[k] for k in range(num_labels)]
+    if name is None:
+        raise ValueError(f"{path} has {num_labels} outputs {names}: choose the one to train with --reward-output")
+    if name not in names:
+        raise ValueError(f"--reward-output {name}: not an output of {path} (its outputs: {names})")
+    return names.index(name)
+
+
+def keep_output(model, index: int, name: str) -> None:
+    """Cut the score head of a model with several outputs down to output `index` (its weights kept), so the
+    trained reward model has the one output ppo.py and grpo.py read. The config loses the other outputs'
+    names, weights and statistics."""
+    head = model.score
+    new = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None, device=head.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(head.weight[index : index + 1])
+        if head.bias is not None:
+            new.bias.copy_(head.bias[index : index + 1])
+    model.score = new.to(head.weight.dtype)
+    model.num_labels = model.config.num_labels = 1
+    model.config.id2label, model.config.label2id = {0: name}, {name: 0}
+    for key in ("attribute_names", "attribute_weights", "score_mean", "score_std"):
+        if hasattr(model.config, key):
+            delattr(model.config, key)
 
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,16 +220,24 @@ def tokenize_example(
     tokenizer, record: dict, args: Args, names: list[str], context: str, eos_ids: list[int] | None = None
 ) -> dict:
     """bt: {"chosen", "rejected"} token ids (prompt + reply through EOS, any of `eos_ids`, default the tokenizer's:
-    `rewards.reward_model_tokens`) and the margin; regression: {"input_ids", "target"} with NaN for a missing
-    attribute."""
+    `rewards.reward_model_tokens`), the margin and the weight of the pair's loss (`pair_margin_and_weight`);
+    regression: {"input_ids", "target"} with NaN for a missing attribute."""
     eos = eos_ids or tokenizer.eos_token_id
     if args.objective == "bt":
+        if args.loss != "regular_bt" and record["strength"] is None:
+            raise data.DataError(
+                f"{context}, field '{args.strength_column}': missing (--loss {args.loss} needs each pair's preference "
+                "strength; --strength-column names the column)"
+            )
         t = data.tokenize_pair(tokenizer, record, args.max_seq_len, args.max_prompt_len, context)
-        margin = record["margin"] if args.use_margin and record["margin"] is not None else 0.0
+        margin, weight = pair_margin_and_weight(
+            args.loss, record["margin"] if args.use_margin else None, record.get("strength")
+        )
         return {
             "chosen": rewards.reward_model_tokens(t["prompt_ids"], t["chosen_ids"], eos),
             "rejected": rewards.reward_model_tokens(t["prompt_ids"], t["rejected_ids"], eos),
             "margin": margin,
+            "weight": weight,
         }
     ids = rewards.conversation_reward_tokens(tokenizer, record["messages"], context, eos_ids)
     if len(ids) > args.max_seq_len:
@@ -182,7 +261,7 @@ def parse_weights(spec: str, names: list[str]) -> list[float] | None:
 @torch.no_grad()
 def evaluate(model, items: list[dict], args: Args, dist, pad_id: int, names: list[str]) -> tuple[dict, torch.Tensor]:
     """bt: eval/accuracy (chosen scored higher), eval/margin, eval/loss (the training loss: BT with the pairs'
-    margins and the centering term); regression: eval/loss (mean squared error) and per-attribute MAE/RMSE.
+    margins or strength weights and the centering term); regression: eval/loss (mean squared error) and per-attribute MAE/RMSE.
 
     Also returns this rank's scores of every held-out response, for the reward statistics.
     """
@@ -199,8 +278,9 @@ def evaluate(model, items: list[dict], args: Args, dist, pad_id: int, names: lis
                 )[:, 0]
             rc, rr = r[: len(mb)], r[len(mb) :]
             margin = torch.tensor([e["margin"] for e in mb], device=dist.device)
-            # the training objective itself (margin and centering term included), so eval/loss compares with train/loss
-            loss = bt_loss(rc, rr, margin, args.center_rewards_coefficient)
+            weight = torch.tensor([e["weight"] for e in mb], device=dist.device)
+            # the training objective itself (margin, weight and centering term included): compares with train/loss
+            loss = bt_loss(rc, rr, margin, args.center_rewards_coefficient, weight)
             total += torch.stack(
                 [(rc > rr).sum(), (rc - rr).sum(), loss.sum(), torch.tensor(len(mb), device=dist.device)]
             ).double()
@@ -233,6 +313,8 @@ def evaluate(model, items: list[dict], args: Args, dist, pad_id: int, names: lis
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.objective != "bt" and (args.loss != "regular_bt" or args.reward_output is not None):
+        raise ValueError("--loss and --reward-output are for --objective bt (preference pairs)")
     dist = init_distributed()
     seed_everything(args.seed)
     stop = StopSignal()
@@ -243,6 +325,8 @@ if __name__ == "__main__":
     kind, parse = (
         ("preference", data.parse_preference) if args.objective == "bt" else ("attributes", data.parse_attributes)
     )
+    if args.objective == "bt" and args.loss != "regular_bt":  # read (and check) the strength column
+        parse = functools.partial(data.parse_preference, strength_column=args.strength_column)
     data_path = data.resolve_data_path(args.data, kind, dist)
     parsed, eval_parsed, eval_source = data.load_train_eval(
         data_path, args.eval_data, args.eval_size, parse, args.skip_bad_rows
@@ -258,15 +342,20 @@ if __name__ == "__main__":
     train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
     evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
 
-    # 2. model: a sequence classifier with 1 (bt) or N (regression) outputs
-    num_labels = 1 if args.objective == "bt" else len(names)
+    # 2. model: a sequence classifier with 1 (bt) or N (regression) outputs; bt from a model with several outputs
+    # trains the one --reward-output names, cut out of its head
     from transformers import AutoConfig
 
-    fresh_head = not getattr(AutoConfig.from_pretrained(args.model_path), "plainalign_reward_model", False)
+    start_config = AutoConfig.from_pretrained(args.model_path)
+    keep = output_index(start_config, args.reward_output, args.model_path) if args.objective == "bt" else None
+    num_labels = (1 if keep is None else start_config.num_labels) if args.objective == "bt" else len(names)
+    fresh_head = not getattr(start_config, "plainalign_reward_model", False) and keep is None
     model = load_sequence_classifier(
         args.model_path, dist.device, num_labels, attn_implementation=args.attn_implementation,
         pad_token_id=tokenizer.pad_token_id, init_head=fresh_head and not args.resume, vocab_size=len(tokenizer),
     )  # fmt: skip
+    if keep is not None:
+        keep_output(model, keep, args.reward_output)
     model = lora.apply_lora(model, args.lora, task="seq_cls")  # --lora-r > 0: adapters + the score head are trained
     model = wrap_model(model, dist, activation_checkpointing=args.activation_checkpointing)
 
@@ -292,6 +381,8 @@ if __name__ == "__main__":
 
     def save(step: int, extra_config: dict | None = None) -> None:
         config = {"plainalign_reward_model": True, "objective": args.objective} | (extra_config or {})
+        if args.objective == "bt":
+            config["loss"] = args.loss
         if names:
             config |= {
                 "attribute_names": names,
@@ -329,7 +420,8 @@ if __name__ == "__main__":
                     )[:, 0]
                     rc, rr = r[: len(mb)], r[len(mb) :]
                     margin = torch.tensor([e["margin"] for e in mb], device=dist.device)
-                    mb_loss = bt_loss(rc, rr, margin, args.center_rewards_coefficient).sum()
+                    weight = torch.tensor([e["weight"] for e in mb], device=dist.device)
+                    mb_loss = bt_loss(rc, rr, margin, args.center_rewards_coefficient, weight).sum()
                     stats += torch.stack([(rc > rr).float().sum(), (rc - rr).sum(), (rc + rr).sum() / 2]).detach()
                 else:
                     pred = rewards.score_sequences(
@@ -380,14 +472,20 @@ if __name__ == "__main__":
             raise SystemExit(0)
     tracker.close_progress()
 
-    # 6. final evaluation; reward statistics of the held-out responses go into the config for ppo.py
-    final, held_out = evaluate(model, evals.records, args, dist, tokenizer.pad_token_id, names)
-    gathered = torch.cat([torch.as_tensor(s) for s in dist.all_gather_object(held_out.cpu())])  # (M, N)
-    mean, std = gathered.mean(0), gathered.std(0)
-    stats_config = {"score_mean": mean.tolist(), "score_std": std.tolist()}
-    if args.objective == "bt":
-        stats_config = {"score_mean": mean.item(), "score_std": std.item()}
-    final |= {"train/skipped_steps": skipped_steps} | {f"reward/{k}": v for k, v in stats_config.items()}
+    # 6. final evaluation; the score statistics (--reward-standardization) go into the config for ppo.py/grpo.py
+    final, scores = evaluate(model, evals.records, args, dist, tokenizer.pad_token_id, names)
+    final["train/skipped_steps"] = skipped_steps
+    stats_config = {"score_mean": None, "score_std": None}  # off: none (also over a start model's): raw scores
+    if args.reward_standardization != "off":
+        if args.reward_standardization == "train":  # every training response, scored as the held-out ones are
+            scores = evaluate(model, train.records, args, dist, tokenizer.pad_token_id, names)[1]
+        gathered = torch.cat([torch.as_tensor(s) for s in dist.all_gather_object(scores.cpu())])  # (M, N)
+        mean, std = gathered.mean(0), gathered.std(0)
+        stats_config = {"score_mean": mean.tolist(), "score_std": std.tolist()}
+        if args.objective == "bt":
+            stats_config = {"score_mean": mean.item(), "score_std": std.item()}
+        final |= {f"reward/{k}": v for k, v in stats_config.items()}
+    stats_config["score_stats_from"] = args.reward_standardization
     save(total_steps, stats_config)
     tracker.log(final, total_steps)
     tracker.write_eval(final)

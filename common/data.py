@@ -319,11 +319,12 @@ def _number(row: dict, key: str, source: str, i: int) -> float | None:
     return float(value)
 
 
-def parse_preference(row: dict, source: str, i: int) -> dict:
+def parse_preference(row: dict, source: str, i: int, strength_column: str | None = None) -> dict:
     """{"prompt", "chosen", "rejected"} (strings or messages), or Anthropic HH {"chosen", "rejected"} text.
 
     Returns {"prompt": messages, "chosen": str, "rejected": str, "margin", "chosen_reward", "rejected_reward"}
-    (the last three None when absent).
+    (the last three None when absent). With `strength_column` (reward_model.py's margin_bt/scaled_bt), also
+    "strength": the number in that column (None when absent; the script that needs it says so).
     """
     for key in ("chosen", "rejected"):
         if not _present(row, key):
@@ -349,7 +350,7 @@ def parse_preference(row: dict, source: str, i: int) -> dict:
         "margin": _number(row, "margin", source, i),
         "chosen_reward": _number(row, "chosen_reward", source, i),
         "rejected_reward": _number(row, "rejected_reward", source, i),
-    }
+    } | ({"strength": _number(row, strength_column, source, i)} if strength_column else {})
 
 
 def parse_prompt(row: dict, source: str, i: int) -> dict:

@@ -290,7 +290,8 @@ def preference_rows(seed: int = 0, n: int = 20_000, style_fraction: float = 0.3)
     Same-style pairs isolate correctness, so a small reward model can learn it at all; the trade-off pairs fix
     its scale against style. Without them it learns style (the easy signal) with a larger weight than
     correctness, and PPO against it trades accuracy for style. `chosen_reward`/`rejected_reward` are the
-    utilities, for reward-aware losses.
+    utilities, for reward-aware losses; `strength` is their gap (rounded to 6 decimals), the preference strength
+    of reward_model.py's margin_bt/scaled_bt losses: 0.8-1.0 for a right-vs-wrong pair, 0.1-0.2 for a style pair.
     """
     rng = random.Random(seed + 2)
     rows = []
@@ -312,7 +313,16 @@ def preference_rows(seed: int = 0, n: int = 20_000, style_fraction: float = 0.3)
             a = write_response(p, p.answer, v, k)
             b = write_response(p, wrong_answer(p, rng), rng.choice(better), k)
         (c, uc), (r, ur) = sorted([(a, utility(p.prompt, a)), (b, utility(p.prompt, b))], key=lambda x: -x[1])
-        rows.append({"prompt": p.prompt, "chosen": c, "rejected": r, "chosen_reward": uc, "rejected_reward": ur})
+        rows.append(
+            {
+                "prompt": p.prompt,
+                "chosen": c,
+                "rejected": r,
+                "chosen_reward": uc,
+                "rejected_reward": ur,
+                "strength": round(uc - ur, 6),  # computed, not drawn: the rng stream and other fields are unchanged
+            }
+        )
     return rows
 
 
@@ -355,7 +365,8 @@ def all_texts(seed: int = 0, n: int = 4000) -> list[str]:
 
 DEMO_DATA_DIR = Path("out/demo/data")
 # Bumped whenever a generator above changes, so that data cached by an older version is never read again.
-DEMO_DATA_VERSION = 3
+# 4: preference pairs carry `strength` (every other set, and every other field of the pairs, as in version 3).
+DEMO_DATA_VERSION = 4
 _DEMO_SETS = {
     "sft": lambda: sft_rows(),
     "preference": lambda: preference_rows(),

@@ -280,6 +280,20 @@ def test_parse_preference_errors(row, message):
     assert str(e.value).startswith(message)
 
 
+def test_parse_preference_strength_column(tmp_path):
+    """Read from the named column only when asked; absent -> None (reward_model.py names the missing field);
+    text (a CSV cell) is parsed; not a number -> a file/row/field error."""
+    row = {"prompt": "q", "chosen": "a", "rejected": "b", "strength": -2, "pref": "0.5"}
+    assert "strength" not in data.parse_preference(row, "f", 1)  # only reward_model.py's margin/scaled BT ask
+    assert data.parse_preference(row, "f", 1, strength_column="strength")["strength"] == -2.0
+    assert data.parse_preference(row, "f", 1, strength_column="pref")["strength"] == 0.5
+    assert data.parse_preference(row, "f", 1, strength_column="other")["strength"] is None
+    for bad, message in [("big", "expected a number, got str"), (True, "expected a number, got bool"),
+                         (float("nan"), "not finite")]:  # fmt: skip
+        with pytest.raises(DataError, match=rf"^f: row 3, field 'strength': {message}$"):
+            data.parse_preference(row | {"strength": bad}, "f", 3, strength_column="strength")
+
+
 # --- prompts, KTO, attributes -------------------------------------------------------------------------------------
 
 

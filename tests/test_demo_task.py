@@ -75,6 +75,14 @@ def test_preference_pairs_follow_the_hidden_utility():
         )
 
 
+def test_preference_strength_is_the_utility_gap():
+    """reward_model.py --loss margin_bt/scaled_bt read it: 0.8-1.0 for a right-vs-wrong pair, 0.1-0.2 for style."""
+    rows = d.preference_rows(seed=3, n=300)
+    for r in rows:
+        assert r["strength"] == pytest.approx(r["chosen_reward"] - r["rejected_reward"], abs=1e-6)
+    assert {r["strength"] for r in rows} == {0.1, 0.2, 0.8, 0.9, 1.0}  # rounded: no 0.09999999999999998
+
+
 def test_preference_pairs_cover_each_kind():
     """Correctness at a fixed style, style among right answers, and right-in-a-worse-style over wrong-in-a-better."""
     kinds = {"correctness": 0, "style": 0, "trade_off": 0}

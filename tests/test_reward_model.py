@@ -1,8 +1,10 @@
-"""reward_model.py: BT and margin losses by hand, masked regression, padding invariance, the saved model
-round-trips through transformers, malformed rows, smoke runs (bt, regression), torchrun parity."""
+"""reward_model.py: BT and margin losses by hand, HelpSteer2-Preference's margin/scaled BT by hand, masked
+regression, padding invariance, the saved model round-trips through transformers, malformed rows and strengths,
+one output of a multi-output model, smoke runs (bt, regression), torchrun parity."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -11,6 +13,7 @@ import torch
 
 import reward_model as rm
 from common import data, demo_task, rewards
+from common.models import load_tokenizer
 from conftest import run_script
 
 
@@ -22,6 +25,54 @@ def test_bt_loss_by_hand():
     assert plain.tolist() == pytest.approx([0.3132617, 0.4740770, 0.3132617], abs=1e-6)
     centered = rm.bt_loss(c, r, torch.zeros(3), 0.01)
     assert centered.tolist() == pytest.approx([0.3232617] * 3, abs=1e-6)
+
+
+def hf2_loss(loss, chosen, rejected, strength, margin=None):
+    """Per-pair loss of --loss on a batch, through the script's own helpers."""
+    terms = [rm.pair_margin_and_weight(loss, margin, s) for s in strength]
+    m, w = (torch.tensor(x) for x in zip(*terms))
+    return rm.bt_loss(chosen, rejected, m, 0.0, w)
+
+
+def test_helpsteer2_preference_losses_by_hand():
+    """r_c = [1, 1, 0.5], r_r = [0, 0, 1] (r_c - r_r = [1, 1, -0.5]), strengths s = [0.5, -2, 1] (only |s| counts).
+    -log sigmoid(x) = log(1 + e^-x):
+      regular_bt  [log(1+e^-1), log(1+e^-1), log(1+e^0.5)]                 = [0.3132617, 0.3132617, 0.9740770]
+      margin_bt   x = r_c - r_r - |s| = [0.5, -1, -1.5]
+                  [log(1+e^-0.5), log(1+e^1), log(1+e^1.5)]                = [0.4740770, 1.3132617, 1.7014133]
+      scaled_bt   |s| x regular = [0.5 x 0.3132617, 2 x 0.3132617, 1 x 0.9740770] = [0.1566308, 0.6265234, 0.9740770]
+    d scaled / d r_c of pair 2 = -|s| sigmoid(-1) = -2 / (1 + e) = -0.5378828."""
+    c = torch.tensor([1.0, 1.0, 0.5], requires_grad=True)
+    r, s = torch.tensor([0.0, 0.0, 1.0]), [0.5, -2.0, 1.0]
+    assert hf2_loss("regular_bt", c, r, s).tolist() == pytest.approx([0.3132617, 0.3132617, 0.9740770], abs=1e-6)
+    assert hf2_loss("margin_bt", c, r, s).tolist() == pytest.approx([0.4740770, 1.3132617, 1.7014133], abs=1e-6)
+    scaled = hf2_loss("scaled_bt", c, r, s)
+    assert scaled.tolist() == pytest.approx([0.1566308, 0.6265234, 0.9740770], abs=1e-6)
+    scaled.sum().backward()
+    assert c.grad[1].item() == pytest.approx(-0.5378828, abs=1e-6)
+    # regular_bt keeps the `margin` column (--use-margin) and ignores the strength; the others ignore the margin
+    assert hf2_loss("regular_bt", c, r, s, margin=0.5)[0].item() == pytest.approx(0.4740770, abs=1e-6)
+    assert hf2_loss("margin_bt", c, r, s, margin=5.0)[0].item() == pytest.approx(0.4740770, abs=1e-6)
+    assert rm.pair_margin_and_weight("regular_bt", None, None) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="--loss scaled_bt needs the pair's preference strength"):
+        rm.pair_margin_and_weight("scaled_bt", None, None)
+
+
+def test_output_index_by_name():
+    from types import SimpleNamespace as NS
+
+    lm = NS(architectures=["LlamaForCausalLM"], num_labels=2, id2label={0: "LABEL_0", 1: "LABEL_1"})
+    multi = NS(architectures=["LlamaForSequenceClassification"], num_labels=3, attribute_names=["a", "b", "c"])
+    assert rm.output_index(lm, None, "m") is None  # a causal LM's default num_labels=2 is no head
+    assert rm.output_index(multi, "c", "m") == 2
+    with pytest.raises(
+        ValueError, match=r"m has 3 outputs \['a', 'b', 'c'\]: choose the one to train with --reward-output"
+    ):
+        rm.output_index(multi, None, "m")
+    with pytest.raises(ValueError, match=r"--reward-output x: not an output of m \(its outputs: \['a', 'b', 'c'\]\)"):
+        rm.output_index(multi, "x", "m")
+    with pytest.raises(ValueError, match="--reward-output a: m has one output"):
+        rm.output_index(lm, "a", "m")
 
 
 def test_regression_loss_ignores_missing_attributes():
@@ -152,3 +203,62 @@ def test_torchrun_two_processes_match_one(demo_base, rm_data, tmp_path):
         "reward_model.py", *args, "--output-dir", str(tmp_path / "two"), "--local-micro-batch-size", "8", nproc=2
     )
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-6)
+
+
+def test_missing_or_non_numeric_strength_names_file_row_field(demo_base, tokenizer, tmp_path):
+    """Through the script: a row without the (renamed) strength column stops margin_bt; in-process: a non-numeric
+    strength fails parsing, a missing one fails tokenize_example, both naming file, row and field."""
+    good = {"prompt": "Add 2 and 2.", "chosen": "4", "rejected": "5", "pref": 1.0}
+    path = demo_task.write_jsonl([good] * 45 + [{k: v for k, v in good.items() if k != "pref"}], tmp_path / "s.jsonl")
+    proc = run_script("reward_model.py", "--model-path", str(demo_base), "--data", str(path), "--output-dir",
+                      str(tmp_path / "o"), "--loss", "margin_bt", "--strength-column", "pref", *COMMON, check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert (
+        f"{path}: row 46, field 'pref': missing (--loss margin_bt needs each pair's preference strength" in proc.stderr
+    )
+    args = rm.Args(loss="scaled_bt")
+    parse = functools.partial(data.parse_preference, strength_column=args.strength_column)
+    with pytest.raises(data.DataError, match=r"^f: row 3, field 'strength': expected a number, got str$"):
+        data.parse_rows([good | {"strength": 1}, good | {"strength": 0.5}, good | {"strength": "high"}], parse, "f")
+    record = parse(good, "f", 2)
+    with pytest.raises(data.DataError, match=r"^f: row 2, field 'strength': missing \(--loss scaled_bt needs"):
+        rm.tokenize_example(tokenizer, record, args, [], "f: row 2")
+    assert rm.tokenize_example(tokenizer, parse(good | {"strength": -0.5}, "f", 2), args, [], "f")["weight"] == 0.5
+
+
+def test_scaled_bt_on_one_output_of_an_attribute_model(demo_base, tokenizer, rm_data, tmp_path):
+    """--reward-output picks one output of a 3-output model (its head row kept: --learning-rate 0 leaves it as it
+    was), the saved model has that output alone, eval/loss is scaled BT on the held-out pairs, and
+    --reward-standardization train stores the mean/std of every training response's score."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from common.models import load_sequence_classifier
+
+    start = load_sequence_classifier(str(demo_base), torch.device("cpu"), 3, init_head=True)
+    start.config.attribute_names, start.config.score_mean = ["correctness", "verbosity", "politeness"], [1.0, 2.0, 3.0]
+    start.save_pretrained(tmp_path / "attr")
+    tokenizer.save_pretrained(tmp_path / "attr")
+    out = tmp_path / "bt"
+    run_script("reward_model.py", "--model-path", str(tmp_path / "attr"), "--data", str(rm_data["pairs"]),
+               "--output-dir", str(out), "--reward-output", "verbosity", "--loss", "scaled_bt",
+               "--reward-standardization", "train", "--learning-rate", "0", *COMMON)  # fmt: skip
+    config = AutoConfig.from_pretrained(out)
+    assert config.num_labels == 1 and config.id2label == {0: "verbosity"} and config.loss == "scaled_bt"
+    assert getattr(config, "attribute_names", None) is None and config.score_stats_from == "train"
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert torch.equal(model.score.weight, start.score.weight[1:2])
+    tok = load_tokenizer(str(out))  # as the script loads it
+    rows = demo_task.preference_rows(seed=4, n=300)
+    seqs = {}
+    for part, rows_ in (("train", rows[:-32]), ("eval", rows[-32:])):
+        pairs = [rm.tokenize_example(tok, data.parse_preference(r, "f", 1), rm.Args(), [], "f") for r in rows_]
+        with torch.no_grad():
+            scores = rewards.score_sequences(model, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                                             tok.pad_token_id, torch.device("cpu"))[:, 0]  # fmt: skip
+        seqs[part] = scores
+    assert config.score_mean == pytest.approx(seqs["train"].mean().item(), abs=1e-4)
+    assert config.score_std == pytest.approx(seqs["train"].std().item(), abs=1e-4)
+    rc, rr = seqs["eval"].chunk(2)
+    strength = torch.tensor([r["strength"] for r in rows[-32:]])
+    expected = (strength * -torch.nn.functional.logsigmoid(rc - rr)).mean().item()
+    assert json.loads((out / "eval.json").read_text())["eval/loss"] == pytest.approx(expected, abs=1e-4)
