@@ -94,7 +94,13 @@ def init_distributed() -> Dist:
 
 
 def cleanup(dist: Dist) -> None:
+    """End of a run on every rank: wait until all ranks are here, then tear the process group down.
+
+    Without the barrier a rank that finishes first destroys its end of gloo's connections while another is still
+    tearing down, and the latter can abort at exit ("terminate called without an active exception", seen once in
+    a 2-process PPO test after the run had saved everything)."""
     if dist.enabled and torch_dist.is_initialized():
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
