@@ -8,6 +8,7 @@ would share one GPU. conftest.py hides CUDA from every script a test runs and fr
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -22,9 +23,8 @@ def test_scripts_run_on_the_cpu_where_torch_sees_a_gpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     monkeypatch.setenv("PLAINALIGN_FAKE_CUDA", "1")
     proc = run_script("tests/data/device_report.py", nproc=2)
-    found = [
-        json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("DEVICE_REPORT ")
-    ]
+    # two ranks share the pipe: read each report by its marker and braces, not by line
+    found = [json.loads(m) for m in re.findall(r"DEVICE_REPORT (\{[^{}]*\})", proc.stdout)]
     expected = [{"rank": r, "device": "cpu", "backend": "gloo", "CUDA_VISIBLE_DEVICES": ""} for r in (0, 1)]
     assert sorted(found, key=lambda r: r["rank"]) == expected
 

@@ -23,5 +23,7 @@ if __name__ == "__main__":
     dist = init_distributed()
     backend = torch.distributed.get_backend() if dist.enabled else None
     report = {"rank": dist.rank, "device": str(dist.device), "backend": backend}
-    print("DEVICE_REPORT " + json.dumps(report | {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}))
+    line = "DEVICE_REPORT " + json.dumps(report | {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")})
+    sys.stdout.write(line + "\n")  # one write: unbuffered print() writes the newline separately, and ranks interleave
+    sys.stdout.flush()
     cleanup(dist)
