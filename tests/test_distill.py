@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_faults import assert_same_series, checkpoint_step, log_rows, resumed_from, series, start
+from faults import assert_same_series, checkpoint_step, log_rows, resumed_from, series, start
 
 import distill
 from common import data, demo_task
@@ -199,7 +199,7 @@ def test_offline_runs_reuses_its_cache_and_refuses_a_stale_one(models, rows, tmp
     assert stale.returncode != 0 and "top-K cache is stale (another teacher or data)" in stale.stderr
 
 
-@pytest.mark.slow  # like the other scripts' fault tests (tests/test_faults.py)
+@pytest.mark.slow  # like the other scripts' fault tests (tests/test_faults_supervised.py)
 def test_kill9_then_resume_equals_uninterrupted(on_policy_run, models, rows, tmp_path):
     cmd = ["distill.py", *on_policy_flags(models, rows)]
     proc = start([*cmd, "--save-every", "2"], tmp_path)

@@ -1,6 +1,6 @@
 """grpo.py: advantage estimators, clipping, sequence ratios and loss aggregation by hand; reward functions and
 their faults; micro-batch x accumulation invariance, torchrun parity, dynamic sampling and smoke runs of the
-script on a tiny model (kill -9 / SIGTERM / NaN are in tests/test_faults.py)."""
+script on a tiny model (kill -9 / SIGTERM / NaN are in tests/test_faults_online.py)."""
 
 from __future__ import annotations
 

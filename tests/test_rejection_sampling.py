@@ -1,6 +1,6 @@
 """rejection_sampling.py: top-n selection (ties, --min-reward, replies without EOS) by hand; the loss is sft.py's
 on the kept samples; the same samples and rewards as grpo.py; torchrun parity, reward-function faults and smoke
-runs of the script on a tiny model (kill -9 / SIGTERM / NaN are in tests/test_faults.py)."""
+runs of the script on a tiny model (kill -9 / SIGTERM / NaN are in tests/test_faults_online.py)."""
 
 from __future__ import annotations
 

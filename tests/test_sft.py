@@ -99,7 +99,7 @@ def test_torchrun_two_processes_match_one(baseline, demo_base, sft_data, tmp_pat
     assert state == {"world_size": 2, "step": STEPS}
 
 
-# kill -9 + resume, SIGTERM and NaN handling of sft.py are in tests/test_faults.py, with every other script.
+# kill -9 + resume, SIGTERM and NaN handling of sft.py are in tests/test_faults_supervised.py, with every other script.
 
 
 def test_bad_data_row_names_file_row_and_field(demo_base, tmp_path):

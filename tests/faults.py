@@ -11,12 +11,15 @@ a fixed seed:
     --skip-nonfinite, is skipped and counted; a loss that turns NaN only at a later step is reported as that step.
 A kill in the middle of writing a checkpoint is covered in-process in tests/test_checkpoint.py, bad input per
 contract in tests/test_data.py and per script in each script's tests, and torchrun parity there too.
+
+This module holds the runs, fixtures and checks; the tests are in tests/test_faults_supervised.py (sft,
+reward_model, dpo, steerlm, spin) and tests/test_faults_online.py (ppo, grpo, rejection_sampling): two files, so
+that pytest-xdist's `--dist loadfile` puts them on different workers (one file was ~400 s on one worker).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import signal
 import subprocess
@@ -26,15 +29,13 @@ import time
 import pytest
 import torch
 
-from common import data, demo_task
+from common import demo_task
 from common.checkpoint import find_trainer_state
 from conftest import ROOT, run_script, script_env
 
-pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def files(demo_base, tmp_path_factory):
+@pytest.fixture(scope="module", name="files")
+def files_fixture(demo_base, tmp_path_factory):
     """Small datasets for every contract, and a reward model (random head) for PPO."""
     from common.models import load_sequence_classifier, load_tokenizer
 
@@ -169,8 +170,8 @@ def start(cmd: list[str], out) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(files, tmp_path_factory):
+@pytest.fixture(scope="module", name="uninterrupted")
+def uninterrupted_fixture(files, tmp_path_factory):
     """The logged series of an uninterrupted run of each case: run once, shared by the kill -9 and signal tests."""
     cache = {}
 
@@ -186,8 +187,20 @@ def uninterrupted(files, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", [*SCRIPTS, "ppo_adaptive_kl"])
-def test_kill9_then_resume_equals_uninterrupted(name, files, uninterrupted, tmp_path):
+@pytest.fixture(scope="module", name="nan_model")
+def nan_model_fixture(demo_base, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("nan") / "model"
+    model = AutoModelForCausalLM.from_pretrained(demo_base)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(demo_base).save_pretrained(path)
+    return str(path)
+
+
+def check_kill9_then_resume(name, files, uninterrupted, tmp_path):
     """kill -9 once metrics are logged past the last checkpoint: the resumed run must start at the checkpoint's step,
     drop what the killed run logged after it, redo those steps, and end with the uninterrupted run's series. A resume
     that restarted from step 0 (and rewrote the whole log) or kept the killed run's extra lines fails here."""
@@ -210,11 +223,7 @@ def test_kill9_then_resume_equals_uninterrupted(name, files, uninterrupted, tmp_
     assert_same_series(series(out, keys), expected)
 
 
-SIGNAL_CASES = [(name, signal.SIGTERM) for name in SCRIPTS] + [("sft", signal.SIGINT)]
-
-
-@pytest.mark.parametrize("name, sig", SIGNAL_CASES, ids=[f"{n}-{s.name}" for n, s in SIGNAL_CASES])
-def test_stop_signal_checkpoints_exits_zero_and_resumes(name, sig, files, uninterrupted, tmp_path):
+def check_stop_signal(name, sig, files, uninterrupted, tmp_path):
     """SIGTERM (SIGINT for sft): a checkpoint at the next step boundary, a line naming it, exit 0; `--resume` starts
     there and ends with the uninterrupted run's series. The signal goes out once the first step is logged, with most
     of the run still to go (sft: 19 of 20 steps), so it lands mid-run: a run without the handler (killed, rc -15; or
@@ -242,78 +251,3 @@ def test_stop_signal_checkpoints_exits_zero_and_resumes(name, sig, files, uninte
     resumed = run_script(*cmd, "--output-dir", str(out), "--resume")
     assert resumed_from(resumed.stdout) == stopped
     assert_same_series(series(out, keys), expected)
-
-
-@pytest.fixture(scope="module")
-def nan_model(demo_base, tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = tmp_path_factory.mktemp("nan") / "model"
-    model = AutoModelForCausalLM.from_pretrained(demo_base)
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(demo_base).save_pretrained(path)
-    return str(path)
-
-
-@pytest.mark.parametrize("name", ["sft", "reward_model", "dpo", "steerlm", "spin"])
-def test_nonfinite_loss_names_the_step_or_is_skipped(name, files, nan_model, tmp_path):
-    cmd, _ = spec(name, files, model=nan_model)
-    if "--total-steps" in cmd:  # spin's steps follow from its prompts
-        cmd[cmd.index("--total-steps") + 1] = "2"  # two steps are enough
-    proc = run_script(*cmd, "--output-dir", str(tmp_path / "stop"), check=False)
-    assert proc.returncode != 0
-    assert "non-finite loss at step 0 (NaN or Inf)" in proc.stderr
-    run_script(*cmd, "--output-dir", str(tmp_path / "skip"), "--skip-nonfinite")
-    result = json.loads((tmp_path / "skip" / "eval.json").read_text())
-    assert result.get("train/skipped_steps", 0) >= 2, result
-
-
-def test_nonfinite_loss_at_a_later_step_names_that_step(demo_base, tmp_path):
-    """A loss that turns NaN at step K = 4, not 0, is reported as step 4: the step after the last one logged.
-
-    Deterministic, no divergence to wait for: the demo model with untied embeddings whose *input* embedding of
-    `<|system|>` is NaN, and one training row with a system turn, placed where `data.step_indices` puts it in step
-    K's global batch. No other row renders `<|system|>`, so steps 0..K-1 are finite and logged, step K is NaN."""
-    from transformers import AutoModelForCausalLM
-
-    from common.models import load_tokenizer
-
-    K, eval_size, batch_size = 4, 16, 8
-    tokenizer = load_tokenizer(str(demo_base))
-    model = AutoModelForCausalLM.from_pretrained(demo_base)
-    model.config.tie_word_embeddings = False  # the output embedding stays finite: other sequences keep their loss
-    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
-    with torch.no_grad():
-        model.model.embed_tokens.weight[tokenizer.convert_tokens_to_ids("<|system|>")] = float("nan")
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    rows = demo_task.sft_rows(seed=7, n=80)
-    i = data.step_indices(len(rows) - eval_size, batch_size, K, seed=1)[0]  # sft.py's default --seed is 1
-    rows[i] = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": rows[i]["prompt"]},
-                            {"role": "assistant", "content": rows[i]["completion"]}]}  # fmt: skip
-    path = demo_task.write_jsonl(rows, tmp_path / "sft.jsonl")
-    proc = run_script("sft.py", "--model-path", str(tmp_path / "model"), "--data", str(path), "--eval-size",
-                      str(eval_size), "--local-micro-batch-size", str(batch_size), "--total-steps", "8",
-                      "--demo-eval-prompts", "0", *STEP_FLAGS, "--output-dir", str(tmp_path / "run"),
-                      check=False)  # fmt: skip
-    assert proc.returncode != 0
-    losses = logged(tmp_path / "run", "train/loss")
-    assert logged(tmp_path / "run", "step") == list(range(1, K + 1)) and all(map(math.isfinite, losses)), losses
-    assert f"non-finite loss at step {K} (NaN or Inf)" in proc.stderr, proc.stderr[-3000:]
-
-
-def test_ppo_nonfinite_loss(files, nan_model, tmp_path):
-    """PPO with a NaN policy: the first update stops with its number, or is skipped and counted."""
-    cmd, _ = spec("ppo", files, model=nan_model)
-    proc = run_script(*cmd, "--output-dir", str(tmp_path / "stop"), check=False)
-    assert proc.returncode != 0 and "non-finite logits at step 0 (rollout)" in proc.stderr
-
-
-@pytest.mark.parametrize("name", ["grpo", "rejection_sampling"])
-def test_online_nonfinite_policy(name, files, nan_model, tmp_path):
-    """GRPO / rejection sampling with a NaN policy: the first update stops with its number (it cannot sample)."""
-    cmd, _ = spec(name, files, model=nan_model)
-    proc = run_script(*cmd, "--output-dir", str(tmp_path / "stop"), check=False)
-    assert proc.returncode != 0 and "non-finite logits at update 0 (rollout)" in proc.stderr
