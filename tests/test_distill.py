@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import assert_same_series, checkpoint_step, log_rows, resumed_from, series, start
 
 import distill
 from common import data, demo_task
 from common.dist import Dist
 from conftest import run_script
+from faults import assert_same_series, checkpoint_step, log_rows, resumed_from, series, start
 from kernels import full_kl, topk_of
 
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

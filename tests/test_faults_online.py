@@ -6,6 +6,8 @@ from __future__ import annotations
 import signal
 
 import pytest
+
+from conftest import run_script
 from faults import (  # noqa: F401  (one set per file)
     check_kill9_then_resume,
     check_stop_signal,
@@ -14,8 +16,6 @@ from faults import (  # noqa: F401  (one set per file)
     spec,
     uninterrupted_fixture,
 )
-
-from conftest import run_script
 
 pytestmark = pytest.mark.slow
 

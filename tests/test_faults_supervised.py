@@ -9,6 +9,9 @@ import signal
 
 import pytest
 import torch
+
+from common import data, demo_task
+from conftest import run_script
 from faults import (  # noqa: F401  (one set per file)
     STEP_FLAGS,
     check_kill9_then_resume,
@@ -19,9 +22,6 @@ from faults import (  # noqa: F401  (one set per file)
     spec,
     uninterrupted_fixture,
 )
-
-from common import data, demo_task
-from conftest import run_script
 
 pytestmark = pytest.mark.slow
 
