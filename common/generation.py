@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from common.data import IGNORE_INDEX, pad, position_ids_from_mask
 from common.dist import Dist, autocast, gathered_for_generation
@@ -26,21 +27,65 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+class ReservedLayer(DynamicLayer):
+    """A transformers DynamicLayer whose keys and values are views of a preallocated buffer (see `reserve`)."""
+
+    def reserve(self, capacity: int) -> None:
+        self._buffers = []
+        for name in ("keys", "values"):
+            t = getattr(self, name)  # (B, H, L, D)
+            buf = t.new_empty(t.shape[0], t.shape[1], max(capacity, t.shape[2]), t.shape[3])
+            buf[:, :, : t.shape[2]] = t
+            self._buffers.append(buf)
+            setattr(self, name, buf[:, :, : t.shape[2]])
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        L, n = self.keys.shape[-2], key_states.shape[-2]
+        kbuf, vbuf = self._buffers
+        if L + n > kbuf.shape[-2] or key_states.shape[0] != kbuf.shape[0]:
+            return super().update(key_states, value_states, *args, **kwargs)  # past the buffer: grow as before
+        kbuf[:, :, L : L + n] = key_states
+        vbuf[:, :, L : L + n] = value_states
+        self.keys, self.values = kbuf[:, :, : L + n], vbuf[:, :, : L + n]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        self.reserve(self._buffers[0].shape[-2])  # the selected rows get a buffer of their own
+
+
+def reserve(cache, capacity: int) -> None:
+    """Give every full-attention layer of a transformers DynamicCache a buffer of `capacity` positions, so that each
+    generated token is written into it instead of the whole cache being copied by `torch.cat` (a quarter of a small
+    model's decoding time on a CPU). Other layer kinds (sliding windows, other cache classes) are left as they are."""
+    for layer in getattr(cache, "layers", []):
+        if type(layer) is DynamicLayer and getattr(layer, "is_initialized", False) and layer.keys.dim() == 4:
+            layer.__class__ = ReservedLayer
+            layer.reserve(capacity)
+
+
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for x < 2^32 held in int64, without overflowing int64 (two 16-bit halves of c)."""
-    return (x * (c & 0xFFFF) + ((x * (c >> 16)) & 0xFFFF) * 65536) & _M32
+def _mul32_(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x <- (x * c) mod 2^32, in place, for x < 2^32 held in int64, without overflowing int64 (two 16-bit halves of c)."""
+    high = torch.mul(x, c >> 16).bitwise_and_(0xFFFF).mul_(65536)
+    return x.mul_(c & 0xFFFF).add_(high).bitwise_and_(_M32)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (the "lowbias32" finaliser), in place: every input bit flips about half the output bits.
+    In place because generation hashes a (B, V) tensor per token: fresh tensors for each of its ~20 steps cost as
+    much as the hashing itself."""
+    x.bitwise_xor_(x >> 16)
+    _mul32_(x, 0x7FEB352D)
+    x.bitwise_xor_(x >> 15)
+    _mul32_(x, 0x846CA68B)
+    return x.bitwise_xor_(x >> 16)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (the "lowbias32" finaliser): every input bit flips about half the output bits."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    return _mix32_(x.clone())
 
 
 def sample_key(*parts: int) -> int:
@@ -70,8 +115,8 @@ def keyed_uniform(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """
     row = _mix32((_mix32(keys.to(torch.int64) & _M32) + step) & _M32)  # (B,)
     col = _mix32(torch.arange(vocab, device=keys.device, dtype=torch.int64))  # (V,)
-    bits = _mix32((row[:, None] ^ col[None, :]) & _M32)  # (B, V)
-    return (bits.double() + 0.5) / 4294967296.0
+    bits = _mix32_(row[:, None] ^ col[None, :])  # (B, V), a fresh tensor hashed in place
+    return bits.double().add_(0.5).div_(4294967296.0)
 
 
 def eos_set(eos_id: int | Iterable[int]) -> set[int]:
@@ -117,7 +162,7 @@ def sample_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     if uniforms is not None:
-        return (logits.double() - torch.log(-torch.log(uniforms))).argmax(-1)
+        return logits.double().sub_(torch.log(uniforms).neg_().log_()).argmax(-1)  # log(-log u), fewer temporaries
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -146,7 +191,7 @@ def generate(
     batch it is generated in.
 
     Every rank must pass the same number of prompts: the loop runs until all ranks are done, so that FSDP
-    and the stopping all-reduce stay in step.
+    and the stopping all-reduce stay in step. A prompt repeated in a batch (a group of samples) is prefilled once.
     """
     was_training = model.training
     model.eval()
@@ -157,25 +202,28 @@ def generate(
     with gathered_for_generation(model), autocast(dist):
         for b in range(n_batches):
             chunk = prompts[b * batch_size : (b + 1) * batch_size]
-            input_ids = pad(chunk, pad_id, side="left").to(dist.device)  # (B, P)
-            attention_mask = pad([[1] * len(p) for p in chunk], 0, side="left").to(dist.device)
+            # the prompt's keys and values once per distinct prompt (a GRPO group repeats it G times), then one row
+            # of the cache per sample: the same numbers as prefilling every row, 1/G of the prefill's work
+            distinct: dict[tuple, int] = {}
+            row_prompt = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in chunk], device=dist.device)
+            unique = [list(p) for p in distinct]
+            input_ids = pad(unique, pad_id, side="left").to(dist.device)  # (U, P)
+            attention_mask = pad([[1] * len(p) for p in unique], 0, side="left").to(dist.device)
             position_ids = position_ids_from_mask(attention_mask)
+            cache_kw = _cache_keyword(model)
+            o = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                      logits_to_keep=1)  # fmt: skip
+            past = getattr(o, cache_kw)
+            next_logits = o.logits[:, -1]
+            if len(unique) < len(chunk):
+                past.batch_select_indices(row_prompt)
+                next_logits, attention_mask = next_logits[row_prompt], attention_mask[row_prompt]
+            reserve(past, input_ids.shape[1] + max_new_tokens)
+            step_pos = position_ids[row_prompt, -1:]  # (B, 1)
             done = torch.zeros(len(chunk), dtype=torch.bool, device=dist.device)
             tokens = []
-            past = None
-            cache_kw = _cache_keyword(model)
-            step_ids, step_pos = input_ids, position_ids
             for _ in range(max_new_tokens):
-                o = model(
-                    input_ids=step_ids,
-                    attention_mask=attention_mask,
-                    position_ids=step_pos,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{cache_kw: past},
-                )
-                past = getattr(o, cache_kw)
-                logits = o.logits[:, -1].float()  # (B, V)
+                logits = next_logits.float()  # (B, V)
                 nan = torch.isnan(logits).any(-1)  # (B,) checked with the stopping all-reduce below, on every rank
                 logits = never_sampled(torch.where(nan[:, None], torch.zeros_like(logits), logits), pad_id)
                 uniforms = None
@@ -192,11 +240,14 @@ def generate(
                     raise FloatingPointError(
                         f"NaN logits at generated token {len(tokens) - 1}: the model is non-finite"
                     )
-                if flags[0] == 0:
+                if flags[0] == 0 or len(tokens) == max_new_tokens:
                     break
-                step_ids = nxt[:, None]
-                step_pos = step_pos[:, -1:] + 1
+                step_pos = step_pos + 1
                 attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+                o = model(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=step_pos, use_cache=True,
+                          logits_to_keep=1, **{cache_kw: past})  # fmt: skip
+                past = getattr(o, cache_kw)
+                next_logits = o.logits[:, -1]
             gen = torch.stack(tokens, dim=1).tolist()  # (B, T)
             for row in gen:
                 cut = next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
@@ -239,13 +290,56 @@ def response_logprobs(model, queries, responses, pad_id: int, temperature: float
     the T positions that predict response tokens only (`logits_to_keep` as positions): prompt-position logits
     would be computed to be thrown away, and slicing the logits afterwards would cost a (B, T+1, V) zero-filled
     gradient in backward.
+
+    Rows that repeat a prompt (GRPO's and rejection sampling's groups of samples) share its forward pass: the
+    distinct prompts run once, their keys and values are indexed out to every row of the group, and the responses
+    run on top of them (`shared_prompt_logits`). The same function of the weights, so the same log-probs and
+    gradients up to float rounding (the prompt's gradient is the group's sum, as in the full forward), for 1/G of
+    the prompt tokens' work and activations.
     """
     P, T = queries.shape[1], responses.shape[1]
-    positions = torch.arange(P - 1, P - 1 + T, device=queries.device)  # (T,)
-    logits = model(**sequence_inputs(queries, responses, pad_id), logits_to_keep=positions).logits  # (B, T, V)
+    inputs = sequence_inputs(queries, responses, pad_id)
+    distinct, row_prompt = torch.unique(queries, dim=0, return_inverse=True)
+    if len(distinct) < len(queries) and T > 1 and can_share_prompts(model):
+        logits = shared_prompt_logits(model, inputs, distinct, row_prompt, P)  # (B, T, V)
+    else:
+        positions = torch.arange(P - 1, P - 1 + T, device=queries.device)  # (T,)
+        logits = model(**inputs, logits_to_keep=positions).logits  # (B, T, V)
     logits = never_sampled(logits, pad_id)  # the distribution generation sampled from (the pad token excluded)
     labels = responses.masked_fill(responses == pad_id, IGNORE_INDEX)
     return selective_logprob(logits, labels, temperature=temperature, return_entropy=with_entropy)
+
+
+def can_share_prompts(model) -> bool:
+    """Whether a forward may run the prompt and the responses as two calls through the KV cache: not when HF
+    gradient checkpointing is on and a graph is being built (transformers then turns the cache off, and recomputing a
+    layer would append to the cache a second time)."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.2x; before: the old name
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    return not (torch.is_grad_enabled() and model.training and checkpointing)
+
+
+def shared_prompt_logits(model, inputs: dict, distinct: torch.Tensor, row_prompt: torch.Tensor, P: int) -> torch.Tensor:
+    """Logits (B, T, V) predicting the T response tokens of `inputs` (`sequence_inputs`: P prompt columns, then
+    responses), where row b's prompt is `distinct[row_prompt[b]]`: each distinct prompt runs once (its last position
+    predicts response token 0), the cache is indexed out to the rows, and response tokens 0..T-2 run on top of it."""
+    kw = _cache_keyword(model)
+    mask, positions = inputs["attention_mask"], inputs["position_ids"]
+    prompt_mask = mask[:, :P][_first_rows(row_prompt, len(distinct))]
+    first = model(input_ids=distinct, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                  use_cache=True, logits_to_keep=1)  # fmt: skip
+    cache = getattr(first, kw)
+    cache.batch_select_indices(row_prompt)  # (U, ...) -> (B, ...): every row attends to its prompt's keys and values
+    rest = model(input_ids=inputs["input_ids"][:, P:-1], attention_mask=mask[:, :-1], position_ids=positions[:, P:-1],
+                 use_cache=True, **{kw: cache})  # fmt: skip
+    return torch.cat([first.logits[row_prompt], rest.logits], dim=1)
+
+
+def _first_rows(row_prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """The first row of each of the n groups of `row_prompt` (B,) (values 0..n-1)."""
+    rows = torch.arange(len(row_prompt), device=row_prompt.device)
+    return torch.full((n,), len(row_prompt), device=row_prompt.device).scatter_reduce(0, row_prompt, rows, "amin")
 
 
 def clock(dist) -> float:
