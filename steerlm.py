@@ -285,11 +285,13 @@ class Steer2Args(LabelOptions):
     attributes_order: str | None = None
     """order of the attribute string; default: the one Q' was trained with (its config), else the demo's"""
     max_prompt_len: int = 96
-    """longest conditioned prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
+    """longest conditioned prompt accepted (longer: see --prompt-truncation)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
     split: str = "train"
     """the split of --data to read (a dataset directory or hub name, e.g. train_prefs; a single file is 'train')"""
+    prompt_truncation: Literal["left", "skip", "error"] = "error"
+    """a prompt over --max-prompt-len: left keeps its last turns (then tokens), skip drops the row, error stops"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
 
@@ -1183,8 +1185,16 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
         messages = with_attributes(record["messages"], "", mode)
         prompt = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
         ids = request_ids(tokenizer, prompt, request, mode)
-        if len(ids) > args.max_prompt_len:
-            raise data.DataError(f"{context}: prompt is {len(ids)} tokens, over --max-prompt-len {args.max_prompt_len}")
+        if len(ids) > args.max_prompt_len and args.prompt_truncation != "left":
+            raise data.DataError(
+                f"{context}, field 'messages': prompt is {len(ids)} tokens, {data.TOO_LONG} {args.max_prompt_len} "
+                "(pass --prompt-truncation left to keep its last turns, or skip to drop such rows; or raise the limit)"
+            )
+        for shorter in data.shorter_prompts(prompt) if len(ids) > args.max_prompt_len else ():  # left: last turns
+            prompt, ids = shorter, request_ids(tokenizer, shorter, request, mode)
+            if len(ids) <= args.max_prompt_len:
+                break
+        plain_ids = data.render(tokenizer, prompt, add_generation_prompt=True)
         values = [record["attributes"].get(name) for name in order]
         for name, v in zip(order, values):
             if v is not None and not MIN_VALUE <= round(v) <= MAX_VALUE:
@@ -1193,13 +1203,13 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
             "prompt": prompt,
             "text": split_turn(messages)[0],
             "request": request,
-            "ids": ids,
-            "plain_ids": data.render(tokenizer, prompt, add_generation_prompt=True),
+            "ids": ids[-args.max_prompt_len :],  # left: then cut from the left, the assistant header stays
+            "plain_ids": plain_ids[-args.max_prompt_len :],
             "row": record["row"],
             "values": [float("nan") if v is None else float(round(v)) for v in values],
         }
 
-    requests = data.tokenize_all(parsed.records, to_request, parsed.source, args.skip_bad_rows)
+    requests = data.tokenize_rows(parsed.records, to_request, parsed.source, args.skip_bad_rows, args.prompt_truncation)
     demo_eval_on = (args.demo_eval_prompts > 0 or args.steer_prompts > 0) and is_demo_data(parsed.records)
     if demo_eval_on:
         check_demo_requests(args, order)

@@ -494,6 +494,30 @@ def parse_kto(row: dict, source: str, i: int) -> dict:
     }
 
 
+HELPSTEER_TURN = "<extra_id_1>"  # HelpSteer2 writes earlier turns into `prompt` as "\n<extra_id_1>Assistant\n..."
+
+
+def helpsteer_turns(text: str, source: str, i: int) -> list[dict]:
+    """A HelpSteer2 multi-turn `prompt` ("first user turn\n<extra_id_1>Assistant\nreply\n<extra_id_1>User\nnext
+    user turn") as messages: user and assistant turns alternating, ending with a user turn."""
+    import re
+
+    parts = re.split(r"\n?<extra_id_1>(User|Assistant)\n", text)
+    messages = [{"role": "user", "content": parts[0]}]
+    messages += [{"role": role.lower(), "content": content} for role, content in zip(parts[1::2], parts[2::2])]
+    for j, m in enumerate(messages):
+        expected = "user" if j % 2 == 0 else "assistant"
+        if m["role"] != expected or not m["content"].strip() or HELPSTEER_TURN in m["content"]:
+            raise DataError(
+                f"{where(source, i, 'prompt')}: turn {j} of the HelpSteer2 conversation is not a non-empty "
+                f"{expected} turn (expected user/assistant turns separated by '\\n<extra_id_1>Assistant\\n' and "
+                "'\\n<extra_id_1>User\\n', ending with a user turn)"
+            )
+    if messages[-1]["role"] != "user":
+        raise DataError(f"{where(source, i, 'prompt')}: the HelpSteer2 conversation ends with an assistant turn")
+    return [{"role": m["role"], "content": m["content"].strip()} for m in messages]
+
+
 def parse_attributes(row: dict, source: str, i: int) -> dict:
     """SFT row + {"attributes": {name: number}}, or HelpSteer's flat columns (prompt, response, 0-4 scores).
 
@@ -515,7 +539,11 @@ def parse_attributes(row: dict, source: str, i: int) -> dict:
                 values[name] = float(value)
         return {"messages": parse_sft(row, source, i)["messages"], "attributes": values}
     if _present(row, "prompt") and _present(row, "response"):
-        prompt = _messages(row["prompt"], source, i, "prompt")
+        prompt = (
+            helpsteer_turns(row["prompt"], source, i)
+            if isinstance(row["prompt"], str) and HELPSTEER_TURN in row["prompt"]
+            else _messages(row["prompt"], source, i, "prompt")
+        )
         response = _text(row["response"], source, i, "response")
         values = {name: _number(row, name, source, i) for name in HELPSTEER_ATTRIBUTES if name in row}
         if not values:
@@ -616,17 +644,24 @@ def fit_prompt(
             f"{context}, field '{fld}': prompt is {len(ids)} tokens, {TOO_LONG} {max_prompt_len} "
             "(pass --prompt-truncation left to keep its last turns, or skip to drop such rows; or raise the limit)"
         )
-    system = prompt[:1] if prompt[0]["role"] == "system" else []
-    turns, messages = prompt[len(system) :], prompt
-    while len(turns) > 1:
-        turns = turns[1:]
-        while len(turns) > 1 and turns[0]["role"] != "user":
-            turns = turns[1:]
-        messages = system + turns
+    messages = prompt
+    for messages in shorter_prompts(prompt):
         ids = render(tokenizer, messages, add_generation_prompt=True, **template_kwargs)
         if len(ids) <= max_prompt_len:
             return messages, ids, 0
     return messages, ids, len(ids) - max_prompt_len
+
+
+def shorter_prompts(prompt: list[dict]):
+    """The prompts --prompt-truncation left tries, longest first: whole leading turns dropped one exchange at a
+    time (a leading system turn stays; each starts at a user turn), down to the last turn."""
+    system = prompt[:1] if prompt[0]["role"] == "system" else []
+    turns = prompt[len(system) :]
+    while len(turns) > 1:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+        yield system + turns
 
 
 def tokenize_prompt(

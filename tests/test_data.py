@@ -142,6 +142,8 @@ def test_script_names_the_line_after_blank_lines(demo_base, tmp_path):
     proc = run_script("reward_model.py", "--model-path", str(demo_base), "--data", str(path), "--eval-size", "4",
                       "--output-dir", str(tmp_path / "o"), check=False)  # fmt: skip
     assert proc.returncode != 0 and f"{path}: row 30, field 'rejected': missing" in proc.stderr, proc.stderr[-2000:]
+    # one line for the user, no traceback (common.data.exit_on_data_error)
+    assert "Traceback" not in proc.stderr and f"error: {path}: row 30, field 'rejected': missing\n" in proc.stderr
 
 
 # --- SFT ----------------------------------------------------------------------------------------------------------

@@ -143,6 +143,9 @@ def test_helpsteer2_flat_columns(tmp_path):
          "complexity": 1, "verbosity": 0},
         {"prompt": "Name a prime.", "response": "7", "helpfulness": 4, "correctness": 4, "coherence": 4,
          "complexity": 0, "verbosity": 0},
+        # HelpSteer2 writes earlier turns into `prompt`
+        {"prompt": "c#\n<extra_id_1>Assistant\nC# is a language.\n<extra_id_1>User\nBy whom?", "response": "Microsoft.",
+         "helpfulness": 2, "correctness": 3, "coherence": 4, "complexity": 1, "verbosity": 1},
     ]  # fmt: skip
     write_jsonl(tmp_path / "hs" / "train.jsonl", rows)
     write_jsonl(tmp_path / "hs" / "validation.jsonl", rows[:1])
@@ -154,10 +157,16 @@ def test_helpsteer2_flat_columns(tmp_path):
             "helpfulness": 3.0, "correctness": 4.0, "coherence": 4.0, "complexity": 1.0, "verbosity": 0.0}},
         {"messages": [user("Name a prime."), assistant("7")], "row": 2, "attributes": {
             "helpfulness": 4.0, "correctness": 4.0, "coherence": 4.0, "complexity": 0.0, "verbosity": 0.0}},
+        {"messages": [user("c#"), assistant("C# is a language."), user("By whom?"), assistant("Microsoft.")], "row": 3,
+         "attributes": {"helpfulness": 2.0, "correctness": 3.0, "coherence": 4.0, "complexity": 1.0, "verbosity": 1.0}},
     ]  # fmt: skip
     assert held_out.records == train.records[:1]
     with pytest.raises(DataError, match=r"^f: row 2, field 'verbosity': expected a number, got str$"):
         data.parse_attributes(rows[0] | {"verbosity": "high"}, "f", 2)
+    with pytest.raises(DataError, match=r"^f: row 2, field 'prompt': turn 1 of the HelpSteer2 conversation is not"):
+        data.parse_attributes(rows[0] | {"prompt": "a\n<extra_id_1>User\nb"}, "f", 2)
+    with pytest.raises(DataError, match=r"^f: row 2, field 'prompt': the HelpSteer2 conversation ends with an assis"):
+        data.parse_attributes(rows[0] | {"prompt": "a\n<extra_id_1>Assistant\nb"}, "f", 2)
 
 
 def test_openai_messages_with_system_turns():
