@@ -110,7 +110,7 @@ class Args:
     max_seq_len: int = 128
     """tokens per example (longer examples are truncated on the right)"""
     max_prompt_len: int = 64
-    """on-policy: longest prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
+    """on-policy: longest prompt accepted (longer: see --prompt-truncation)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
     split: str = "train"

@@ -89,7 +89,7 @@ class Args:
     max_seq_len: int = 128
     """tokens of prompt + response (responses are truncated to fit)"""
     max_prompt_len: int = 96
-    """longest prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
+    """longest prompt accepted (longer: see --prompt-truncation)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
     split: str = "train"

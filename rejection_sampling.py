@@ -93,7 +93,7 @@ class Args:
     data: str = "demo"
     """prompts ({"prompt": str|messages} plus any columns the reward functions read); `demo` = the built-in task"""
     max_prompt_len: int = 64
-    """longest prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
+    """longest prompt accepted (longer: see --prompt-truncation)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
     split: str = "train"

@@ -1403,6 +1403,6 @@ if __name__ == "__main__":
                 label_stage(args, dist, labelled)
             elif dist.is_main:
                 print(f"--resume: keeping the labels in {labelled}")
-            args = dataclasses.replace(args, data=labelled)
+            args = dataclasses.replace(args, data=labelled, split="train")  # --split was the SFT data's
         train_stage(args, dist)
     cleanup(dist)

@@ -311,3 +311,28 @@ def test_dpo_reads_splits_of_a_hub_style_directory(demo_base, tmp_path):
     assert f"skipped: {root} [train_prefs]: row 4, field 'prompt': prompt is" in out
     assert f"skipped (held-out): {root} [test_prefs]: row 3, field 'chosen[0]': the turns before" in out
     assert "warning: only 2 of 4 held-out rows are usable (1 malformed, 1 too long)" in out
+
+
+def test_every_script_that_reads_data_has_the_data_flags():
+    """--split everywhere data is read, --eval-split beside --eval-data, --prompt-truncation beside --max-prompt-len,
+    and the one-line data-error handler installed right after the flags are parsed."""
+    import dataclasses
+    import importlib
+    from pathlib import Path
+
+    import steerlm
+
+    classes = [importlib.import_module(name).Args for name in
+               ("sft", "dpo", "reward_model", "spin", "distill", "ppo", "grpo", "rejection_sampling")]  # fmt: skip
+    classes += [steerlm.LabelArgs, steerlm.TrainArgs, steerlm.AllArgs, steerlm.Steer2Args]
+    for cls in classes:
+        names = {f.name: f.default for f in dataclasses.fields(cls)}
+        assert names.get("split") == "train", cls
+        if "eval_data" in names:
+            assert "eval_split" in names and names["eval_split"] is None, cls
+        if "max_prompt_len" in names:
+            assert names.get("prompt_truncation") == "error", cls
+    root = Path(__file__).resolve().parent.parent
+    for script in ("sft", "dpo", "reward_model", "spin", "distill", "ppo", "grpo", "rejection_sampling", "steerlm"):
+        body = (root / f"{script}.py").read_text().split('if __name__ == "__main__":')[1]
+        assert re.match(r"\n    args = tyro\.cli\(.*\)\n    data\.exit_on_data_error\(\)", body), script
