@@ -1,8 +1,9 @@
 """Data plumbing: reading every contract of DESIGN.md, rendering with the chat template, collating, packing.
 
 Reading goes through `datasets.load_dataset` (local jsonl/json/parquet/csv files, also .jsonl.gz/.json.gz/.csv.gz,
-and hub names). Each row is validated by a `parse_*` function that returns a plain normalised record or raises
-`DataError` naming the file, the row (1-based, = the line of a jsonl file) and the field. `parse_rows` applies one
+local dataset directories and hub names, with their splits: `--split`/`--eval-split`). Each row is validated by a
+`parse_*` function that returns a plain normalised record or raises `DataError` naming the file, the row (1-based,
+= the line of a jsonl file) and the field. `parse_rows` applies one
 of them to a whole dataset and either stops at the first bad row or, when the user asked for it, skips and counts.
 
 Rendering always uses the tokenizer's chat template. The tokens an assistant turn contributes are found by
@@ -242,6 +243,8 @@ def load_train_eval(
         train = parse_rows(rows[:-eval_size], parse, rows.source, skip_bad_rows, rows.line_numbers[:-eval_size])
         held_out = parse_rows(rows[-eval_size:], parse, rows.source, skip_bad_rows, rows.line_numbers[-eval_size:])
         return train, held_out, rows.source
+    if eval_data is None and eval_split == split:
+        raise DataError(f"{data_path}: --eval-split {eval_split} is the training split (--split); hold out another one")
     train = parse_rows(rows, parse, rows.source, skip_bad_rows)
     eval_rows = load_rows(eval_data or data_path, eval_split or "train")
     held_out = parse_rows(eval_rows, parse, eval_rows.source, skip_bad_rows)

@@ -102,6 +102,8 @@ def test_unknown_split_lists_the_splits(tmp_path):
     assert data.load_rows(str(tmp_path / "js"), "test") == [{"prompt": "b"}, {"prompt": "c"}]
     with pytest.raises(DataError, match=r"no split 'validation' \(the splits are \['train', 'test'\]\)"):
         data.load_train_eval(str(tmp_path / "js"), None, 1, data.parse_prompt, False, eval_split="validation")
+    with pytest.raises(DataError, match=r"--eval-split test is the training split \(--split\); hold out another"):
+        data.load_train_eval(str(tmp_path / "js"), None, 1, data.parse_prompt, False, split="test", eval_split="test")
     single = tmp_path / "js" / "train.jsonl"
     with pytest.raises(DataError, match=re.escape(f"{single}: no split 'test' (a single file is one split, 'train')")):
         data.load_rows(str(single), "test")
