@@ -110,9 +110,15 @@ class Args:
     max_seq_len: int = 128
     """tokens per example (longer examples are truncated on the right)"""
     max_prompt_len: int = 64
-    """on-policy: longest prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
+    """on-policy: longest prompt accepted (longer: see --prompt-truncation)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    split: str = "train"
+    """the split of --data to read (a dataset directory or hub name, e.g. train_prefs; a single file is 'train')"""
+    eval_split: str | None = None
+    """hold out this split of --data (e.g. test_prefs; of --eval-data when given) instead of its last --eval-size rows"""
+    prompt_truncation: Literal["left", "skip", "error"] = "error"
+    """a prompt over --max-prompt-len: left keeps its last turns (then tokens), skip drops the row, error stops"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
     chat_template: str | None = None
@@ -406,8 +412,11 @@ def on_policy_record(tokenizer, record: dict, args: Args, context: str) -> dict:
     prompt = messages[:last]
     if not prompt:
         raise data.DataError(f"{context}: the last assistant turn has no prompt before it")
-    prompt_ids = data.tokenize_prompt(tokenizer, prompt, args.max_prompt_len, context)
-    response = data.tokenize_response(tokenizer, prompt, prompt_ids, messages[last]["content"], context)
+    prompt, full_prompt_ids, cut = data.fit_prompt(
+        tokenizer, prompt, args.max_prompt_len, context, args.prompt_truncation, "messages"
+    )
+    response = data.tokenize_response(tokenizer, prompt, full_prompt_ids, messages[last]["content"], context)
+    prompt_ids = full_prompt_ids[cut:]
     return {"prompt_ids": prompt_ids, "response_ids": response[: max(1, args.max_seq_len - len(prompt_ids))]}
 
 
@@ -438,6 +447,7 @@ def evaluate_kd_loss(model, cache, examples: list[dict], first: int, args: Args,
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
     dist = init_distributed()
     seed_everything(args.seed)
     stop = StopSignal()
@@ -473,21 +483,23 @@ if __name__ == "__main__":
     data_path = data.resolve_data_path(args.data, "sft", dist)
     skipped_rows = 0
     if offline:
-        parsed, eval_parsed, eval_source = data.load_train_eval(data_path, args.eval_data, args.eval_size,
-                                                                data.parse_sft, args.skip_bad_rows)  # fmt: skip
+        parsed, eval_parsed, eval_source = data.load_train_eval(data_path, args.eval_data, args.eval_size, data.parse_sft,
+                                                                args.skip_bad_rows, args.split, args.eval_split)  # fmt: skip
 
         def tok(record, context):
             return data.tokenize_sft(tokenizer, record, args.max_seq_len, context)
 
-        train = data.tokenize_all(parsed.records[: args.max_rows or None], tok, data_path, args.skip_bad_rows)
+        train = data.tokenize_all(parsed.records[: args.max_rows or None], tok, parsed.source, args.skip_bad_rows)
         evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
         records, eval_records = train.records, evals.records
         skipped_rows = parsed.skipped + train.skipped
     else:
-        parsed = data.parse_rows(data.load_rows(data_path), data.parse_sft, data_path, args.skip_bad_rows)
-        train = data.tokenize_all(parsed.records[: args.max_rows or None], lambda r, c: on_policy_record(tokenizer, r, args, c), data_path,
-                                  args.skip_bad_rows)  # fmt: skip
+        rows = data.load_rows(data_path, args.split)
+        parsed = data.parse_rows(rows, data.parse_sft, rows.source, args.skip_bad_rows)
+        train = data.tokenize_rows(parsed.records[: args.max_rows or None], lambda r, c: on_policy_record(tokenizer, r, args, c),
+                                   parsed.source, args.skip_bad_rows, args.prompt_truncation)  # fmt: skip
         records, eval_records = train.records, []
+        eval_parsed = evals = None
         skipped_rows = parsed.skipped + train.skipped
 
     # 3. the teacher's signal: offline, the top-K cache (computed with the teacher only when missing or stale);
@@ -542,8 +554,8 @@ if __name__ == "__main__":
         f"examples={len(records)} eval_examples={len(eval_records)} skipped_rows={skipped_rows} vocab={vocab} "
         f"teacher={args.teacher_path} " + (f"top-K cache {cache_note} " if offline else "") + f"start_step={start_step}"
     )
-    for err in (parsed.errors + train.errors)[:5]:
-        tracker.print(f"skipped: {err}")
+    for line in data.skip_report(parsed, train, eval_parsed, evals):
+        tracker.print(line)
 
     def save(step: int) -> None:
         extra = {"step": step, "skipped_steps": skipped_steps, "initial": initial, "initial_scores": initial_scores}

@@ -89,9 +89,15 @@ class Args:
     max_seq_len: int = 128
     """tokens of prompt + response (responses are truncated to fit)"""
     max_prompt_len: int = 96
-    """longest prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
+    """longest prompt accepted (longer: see --prompt-truncation)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    split: str = "train"
+    """the split of --data to read (a dataset directory or hub name, e.g. train_prefs; a single file is 'train')"""
+    eval_split: str | None = None
+    """hold out this split of --data (e.g. test_prefs; of --eval-data when given) instead of its last --eval-size rows"""
+    prompt_truncation: Literal["left", "skip", "error"] = "error"
+    """a prompt over --max-prompt-len: left keeps its last turns (then tokens), skip drops the row, error stops"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
     chat_template: str | None = None
@@ -462,6 +468,7 @@ def evaluate(model, items: list[dict], ref_logps: torch.Tensor, args: Args, dist
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
     dist = init_distributed()
     seed_everything(args.seed)
     stop = StopSignal()
@@ -494,13 +501,16 @@ if __name__ == "__main__":
     kind, parse = ("kto", data.parse_kto) if kto else ("preference", data.parse_preference)
     data_path = data.resolve_data_path(args.data, kind, dist)
     parsed, eval_parsed, eval_source = data.load_train_eval(
-        data_path, args.eval_data, args.eval_size, parse, args.skip_bad_rows
+        data_path, args.eval_data, args.eval_size, parse, args.skip_bad_rows, args.split, args.eval_split
     )
 
     def tok(record, context):
         if kto:
-            prompt_ids = data.tokenize_prompt(tokenizer, record["prompt"], args.max_prompt_len, context)
-            completion = data.tokenize_response(tokenizer, record["prompt"], prompt_ids, record["completion"], context)
+            prompt, full_prompt_ids, cut = data.fit_prompt(
+                tokenizer, record["prompt"], args.max_prompt_len, context, args.prompt_truncation
+            )
+            completion = data.tokenize_response(tokenizer, prompt, full_prompt_ids, record["completion"], context)
+            prompt_ids = full_prompt_ids[cut:]
             return {
                 "prompt_ids": prompt_ids,
                 "completion_ids": completion[: args.max_seq_len - len(prompt_ids)],
@@ -509,11 +519,13 @@ if __name__ == "__main__":
         if args.loss_type.startswith("rpo") and (record["chosen_reward"] is None or record["rejected_reward"] is None):
             missing = "chosen_reward" if record["chosen_reward"] is None else "rejected_reward"
             raise data.DataError(f"{context}, field '{missing}': missing ({args.loss_type} needs per-response rewards)")
-        t = data.tokenize_pair(tokenizer, record, args.max_seq_len, args.max_prompt_len, context)
+        t = data.tokenize_pair(
+            tokenizer, record, args.max_seq_len, args.max_prompt_len, context, args.prompt_truncation
+        )
         return t | {"chosen_reward": record["chosen_reward"], "rejected_reward": record["rejected_reward"]}
 
-    train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
-    evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
+    train = data.tokenize_rows(parsed.records, tok, parsed.source, args.skip_bad_rows, args.prompt_truncation)
+    evals = data.tokenize_rows(eval_parsed.records, tok, eval_source, args.skip_bad_rows, args.prompt_truncation)
     if mismatched:  # each row's prompt with another row's completion, fixed for the run (precomputable)
         for records in (train.records, evals.records):
             for e, other in zip(records, mismatched_completions(records, args.max_seq_len)):
@@ -571,8 +583,8 @@ if __name__ == "__main__":
     tracker.print(f"reference log-probs: {ref_source}")
     if shared_ref:
         tracker.print(f"reference model: {lora.REFERENCE_NOTE}")
-    for err in (parsed.errors + train.errors)[:5]:
-        tracker.print(f"skipped: {err}")
+    for line in data.skip_report(parsed, train, eval_parsed, evals):
+        tracker.print(line)
 
     def save(step: int) -> None:
         extra = {"step": step, "skipped_steps": skipped_steps, "initial": initial}

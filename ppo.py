@@ -99,9 +99,13 @@ class Args:
     data: str = "demo"
     """prompts ({"prompt": str|messages}; SFT rows give their prompt); `demo` = the built-in task"""
     max_prompt_len: int = 64
-    """longest prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
+    """longest prompt accepted (longer: see --prompt-truncation)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    split: str = "train"
+    """the split of --data to read (a dataset directory or hub name, e.g. train_prefs; a single file is 'train')"""
+    prompt_truncation: Literal["left", "skip", "error"] = "error"
+    """a prompt over --max-prompt-len: left keeps its last turns (then tokens), skip drops the row, error stops"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
     chat_template: str | None = None
@@ -323,6 +327,7 @@ def evaluate(policy, tokenizer, dist, args: Args, per_prompt: bool = False) -> d
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
     dist = init_distributed()
     seed_everything(args.seed)
     stop = StopSignal()
@@ -375,9 +380,10 @@ if __name__ == "__main__":
 
     # 2. prompts: errors name file, row and field
     data_path = data.resolve_data_path(args.data, "prompts", dist)
-    parsed = data.parse_rows(data.load_rows(data_path), data.parse_prompt, data_path, args.skip_bad_rows)
-    prompts = data.tokenize_all(parsed.records, lambda r, c: data.tokenize_prompt(tokenizer, r["prompt"], args.max_prompt_len, c),
-                                data_path, args.skip_bad_rows)  # fmt: skip
+    rows = data.load_rows(data_path, args.split)
+    parsed = data.parse_rows(rows, data.parse_prompt, rows.source, args.skip_bad_rows)
+    prompts = data.tokenize_rows(parsed.records, lambda r, c: data.tokenize_prompt(tokenizer, r["prompt"], args.max_prompt_len, c,
+                                 args.prompt_truncation), parsed.source, args.skip_bad_rows, args.prompt_truncation)  # fmt: skip
 
     # 3. optimisers, schedules, KL controller, resume
     policy_opt = make_optimizer(policy, args.learning_rate, args.weight_decay)
@@ -407,6 +413,8 @@ if __name__ == "__main__":
         f"local_micro_batch_size={local_micro_batch_size} num_updates={num_updates} prompts={len(prompts.records)} "
         f"skipped_rows={parsed.skipped + prompts.skipped} reward_norm={(score_mean, score_std)} start_update={start_update}"
     )
+    for line in data.skip_report(parsed, prompts):
+        tracker.print(line)
     if lora.enabled(args.lora):
         tracker.print(f"reference model: {lora.REFERENCE_NOTE}")
 

@@ -93,9 +93,13 @@ class Args:
     data: str = "demo"
     """prompts ({"prompt": str|messages} plus any columns the reward functions read); `demo` = the built-in task"""
     max_prompt_len: int = 64
-    """longest prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
+    """longest prompt accepted (longer: see --prompt-truncation)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    split: str = "train"
+    """the split of --data to read (a dataset directory or hub name, e.g. train_prefs; a single file is 'train')"""
+    prompt_truncation: Literal["left", "skip", "error"] = "error"
+    """a prompt over --max-prompt-len: left keeps its last turns (then tokens), skip drops the row, error stops"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
     chat_template: str | None = None
@@ -204,6 +208,7 @@ def sft_example(prompt_ids: list[int], reply_ids: list[int]) -> dict:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
     dist = init_distributed()
     seed_everything(args.seed)
     stop = StopSignal()
@@ -238,12 +243,14 @@ if __name__ == "__main__":
 
     # 3. prompts (with their other columns, for the reward functions): errors name file, row and field
     data_path = data.resolve_data_path(args.data, "prompts", dist)
-    parsed = data.parse_rows(data.load_rows(data_path), data.parse_prompt_row, data_path, args.skip_bad_rows)
-    prompts = data.tokenize_all(
+    rows = data.load_rows(data_path, args.split)
+    parsed = data.parse_rows(rows, data.parse_prompt_row, rows.source, args.skip_bad_rows)
+    prompts = data.tokenize_rows(
         parsed.records,
-        lambda r, c: r | {"ids": data.tokenize_prompt(tokenizer, r["prompt"], args.max_prompt_len, c)},
-        data_path,
+        lambda r, c: data.tokenize_prompt_row(tokenizer, r, args.max_prompt_len, c, args.prompt_truncation),
+        parsed.source,
         args.skip_bad_rows,
+        args.prompt_truncation,
     )
 
     # 4. optimiser, schedule, resume
@@ -266,6 +273,8 @@ if __name__ == "__main__":
         f"local_micro_batch_size={local_micro_batch_size} num_updates={num_updates} prompts={len(prompts.records)} "
         f"skipped_rows={parsed.skipped + prompts.skipped} {sources.describe()} start_update={start_update}"
     )
+    for line in data.skip_report(parsed, prompts):
+        tracker.print(line)
 
     def save(update: int) -> None:
         extra = {"step": update, "scheduler": scheduler.state_dict(), "skipped_minibatches": skipped,

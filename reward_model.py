@@ -81,9 +81,15 @@ class Args:
     max_seq_len: int = 128
     """tokens of prompt + response (responses are truncated to fit)"""
     max_prompt_len: int = 96
-    """longest prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
+    """longest prompt accepted (longer: see --prompt-truncation)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    split: str = "train"
+    """the split of --data to read (a dataset directory or hub name, e.g. train_prefs; a single file is 'train')"""
+    eval_split: str | None = None
+    """hold out this split of --data (e.g. test_prefs; of --eval-data when given) instead of its last --eval-size rows"""
+    prompt_truncation: Literal["left", "skip", "error"] = "error"
+    """a prompt over --max-prompt-len: left keeps its last turns (then tokens), skip drops the row, error stops"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
     chat_template: str | None = None
@@ -229,7 +235,9 @@ def tokenize_example(
                 f"{context}, field '{args.strength_column}': missing (--loss {args.loss} needs each pair's preference "
                 "strength; --strength-column names the column)"
             )
-        t = data.tokenize_pair(tokenizer, record, args.max_seq_len, args.max_prompt_len, context)
+        t = data.tokenize_pair(
+            tokenizer, record, args.max_seq_len, args.max_prompt_len, context, args.prompt_truncation
+        )
         margin, weight = pair_margin_and_weight(
             args.loss, record["margin"] if args.use_margin else None, record.get("strength")
         )
@@ -313,6 +321,7 @@ def evaluate(model, items: list[dict], args: Args, dist, pad_id: int, names: lis
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
     if args.objective != "bt" and (args.loss != "regular_bt" or args.reward_output is not None):
         raise ValueError("--loss and --reward-output are for --objective bt (preference pairs)")
     dist = init_distributed()
@@ -329,7 +338,7 @@ if __name__ == "__main__":
         parse = functools.partial(data.parse_preference, strength_column=args.strength_column)
     data_path = data.resolve_data_path(args.data, kind, dist)
     parsed, eval_parsed, eval_source = data.load_train_eval(
-        data_path, args.eval_data, args.eval_size, parse, args.skip_bad_rows
+        data_path, args.eval_data, args.eval_size, parse, args.skip_bad_rows, args.split, args.eval_split
     )
     names: list[str] = []
     if args.objective == "regression":  # attribute order: first seen; the model's outputs follow it
@@ -339,8 +348,8 @@ if __name__ == "__main__":
     def tok(record, context):
         return tokenize_example(tokenizer, record, args, names, context, eos_ids)
 
-    train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
-    evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
+    train = data.tokenize_rows(parsed.records, tok, parsed.source, args.skip_bad_rows, args.prompt_truncation)
+    evals = data.tokenize_rows(eval_parsed.records, tok, eval_source, args.skip_bad_rows, args.prompt_truncation)
 
     # 2. model: a sequence classifier with 1 (bt) or N (regression) outputs; bt from a model with several outputs
     # trains the one --reward-output names, cut out of its head
@@ -376,8 +385,8 @@ if __name__ == "__main__":
         f"train={len(train.records)} eval={len(evals.records)} skipped_rows={parsed.skipped + train.skipped} "
         f"attributes={names or None} start_step={start_step}"
     )
-    for err in (parsed.errors + train.errors)[:5]:
-        tracker.print(f"skipped: {err}")
+    for line in data.skip_report(parsed, train, eval_parsed, evals):
+        tracker.print(line)
 
     def save(step: int, extra_config: dict | None = None) -> None:
         config = {"plainalign_reward_model": True, "objective": args.objective} | (extra_config or {})

@@ -74,6 +74,10 @@ class Args:
     """pack several examples per row (block-diagonal attention, positions restarting per example)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    split: str = "train"
+    """the split of --data to read (a dataset directory or hub name, e.g. train_prefs; a single file is 'train')"""
+    eval_split: str | None = None
+    """hold out this split of --data (e.g. test_prefs; of --eval-data when given) instead of its last --eval-size rows"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
     chat_template: str | None = None
@@ -157,6 +161,7 @@ def evaluate_loss(model, examples: list, args: Args, dist, pad_id: int) -> float
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
     dist = init_distributed()
     seed_everything(args.seed)
     stop = StopSignal()
@@ -173,13 +178,13 @@ if __name__ == "__main__":
     # 2. data: parse every row (errors name file, row and field), tokenize, hold out an eval set, pack
     data_path = data.resolve_data_path(args.data, "sft", dist)
     parsed, eval_parsed, eval_source = data.load_train_eval(
-        data_path, args.eval_data, args.eval_size, data.parse_sft, args.skip_bad_rows
+        data_path, args.eval_data, args.eval_size, data.parse_sft, args.skip_bad_rows, args.split, args.eval_split
     )
 
     def tok(record, context):
         return data.tokenize_sft(tokenizer, record, args.max_seq_len, context)
 
-    train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
+    train = data.tokenize_all(parsed.records, tok, parsed.source, args.skip_bad_rows)
     evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
     skipped = parsed.skipped + train.skipped
     train_items = data.pack(train.records, args.max_seq_len) if args.packing else train.records
@@ -203,8 +208,8 @@ if __name__ == "__main__":
         f"train_items={len(train_items)} ({len(train.records)} examples, {sum(e['truncated'] for e in train.records)} "
         f"truncated, {skipped} bad rows skipped) eval_items={len(eval_items)} start_step={start_step}"
     )
-    for err in (parsed.errors + train.errors)[:5]:
-        tracker.print(f"skipped: {err}")
+    for line in data.skip_report(parsed, train, eval_parsed, evals):
+        tracker.print(line)
 
     def save(step: int) -> None:
         extra = {"step": step, "skipped_steps": skipped_steps, "initial": initial}

@@ -107,9 +107,15 @@ class Args:
     max_seq_len: int = 128
     """tokens of prompt + response (responses are truncated to fit)"""
     max_prompt_len: int = 96
-    """longest prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
+    """longest prompt accepted (longer: see --prompt-truncation)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    split: str = "train"
+    """the split of --data to read (a dataset directory or hub name, e.g. train_prefs; a single file is 'train')"""
+    eval_split: str | None = None
+    """hold out this split of --data (e.g. test_prefs; of --eval-data when given) instead of its last --eval-size rows"""
+    prompt_truncation: Literal["left", "skip", "error"] = "error"
+    """a prompt over --max-prompt-len: left keeps its last turns (then tokens), skip drops the row, error stops"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
     chat_template: str | None = None
@@ -389,6 +395,7 @@ def evaluate(model, items: list[dict], ref_logps: torch.Tensor, args: Args, dist
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
     dist = init_distributed()
     seed_everything(args.seed)
     stop = StopSignal()
@@ -405,27 +412,33 @@ if __name__ == "__main__":
     # 2. data: SFT rows -> (prompt, gold); errors name file, row and field
     data_path = data.resolve_data_path(args.data, "sft", dist)
     parsed, eval_parsed, eval_source = data.load_train_eval(
-        data_path, args.eval_data, args.eval_size, data.parse_sft, args.skip_bad_rows
+        data_path, args.eval_data, args.eval_size, data.parse_sft, args.skip_bad_rows, args.split, args.eval_split
     )
     if args.num_prompts:
         parsed.records = parsed.records[: args.num_prompts]
 
     def tok(record, context):
         prompt, gold = split_gold(record["messages"], context)
-        prompt_ids = data.tokenize_prompt(tokenizer, prompt, args.max_prompt_len, context)
+        # --prompt-truncation left: `prompt` becomes the turns kept, so the pairs render what the model saw
+        prompt, full_prompt_ids, cut = data.fit_prompt(
+            tokenizer, prompt, args.max_prompt_len, context, args.prompt_truncation, "messages"
+        )
+        prompt_ids = full_prompt_ids[cut:]
         if len(prompt_ids) >= args.max_seq_len:
             raise data.DataError(
                 f"{context}: the prompt ({len(prompt_ids)} tokens) leaves no room for a response in {args.max_seq_len}"
             )
-        data.tokenize_response(tokenizer, prompt, prompt_ids, gold, context)  # the gold renders (checked once, here)
+        data.tokenize_response(tokenizer, prompt, full_prompt_ids, gold, context)  # the gold renders (checked here)
         return {"prompt": prompt, "gold": gold, "prompt_ids": prompt_ids, "row": record["row"]}
 
     def tok_pair(pair, source):
         context = f"{source}: row {pair['row']}"
-        return data.tokenize_pair(tokenizer, pair, args.max_seq_len, args.max_prompt_len, context)
+        return data.tokenize_pair(
+            tokenizer, pair, args.max_seq_len, args.max_prompt_len, context, args.prompt_truncation
+        )
 
-    train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
-    evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
+    train = data.tokenize_rows(parsed.records, tok, parsed.source, args.skip_bad_rows, args.prompt_truncation)
+    evals = data.tokenize_rows(eval_parsed.records, tok, eval_source, args.skip_bad_rows, args.prompt_truncation)
 
     # 3. batch sizes, optimiser, resume (the schedule is made per iteration, its length depends on the pairs)
     global_batch_size = args.local_micro_batch_size * args.gradient_accumulation_steps * dist.world_size
@@ -452,8 +465,8 @@ if __name__ == "__main__":
         f"reference=the model at the start of each iteration (log-probs computed once per iteration) "
         f"start_iteration={start_iteration} start_step={start_step}"
     )
-    for err in (parsed.errors + train.errors)[:5]:
-        tracker.print(f"skipped: {err}")
+    for line in data.skip_report(parsed, train, eval_parsed, evals):
+        tracker.print(line)
 
     def save(iteration: int, iteration_step: int, iteration_stats: torch.Tensor, pairs_ready: bool) -> None:
         """`pairs_ready`: the iteration's pairs are saved and the sampling generator has moved past them."""
@@ -522,7 +535,7 @@ if __name__ == "__main__":
                 "eval_dropped": eval_dropped,
             }
         pairs = saved["pairs"] + (previous if args.mix_previous else [])
-        items = [tok_pair(p, data_path) for p in pairs]
+        items = [tok_pair(p, parsed.source) for p in pairs]
         eval_items = [tok_pair(p, eval_source) for p in saved["eval_pairs"]]
         tracker.print(
             f"iteration {iteration}: {len(train.records)} prompts -> {len(saved['pairs'])} pairs "

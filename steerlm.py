@@ -116,6 +116,8 @@ class LabelArgs(LabelOptions):
     """--label-model: longest conversation it reads (longer: an error, or a skip with --skip-bad-rows)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    split: str = "train"
+    """the split of --data to read (a dataset directory or hub name, e.g. train_prefs; a single file is 'train')"""
 
 
 @dataclass
@@ -152,6 +154,10 @@ class TrainArgs:
     """tokens per example, attribute string included (longer examples are truncated on the right)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    split: str = "train"
+    """the split of --data to read (a dataset directory or hub name, e.g. train_prefs; a single file is 'train')"""
+    eval_split: str | None = None
+    """hold out this split of --data (e.g. test_prefs; of --eval-data when given) instead of its last --eval-size rows"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
     chat_template: str | None = None
@@ -279,9 +285,13 @@ class Steer2Args(LabelOptions):
     attributes_order: str | None = None
     """order of the attribute string; default: the one Q' was trained with (its config), else the demo's"""
     max_prompt_len: int = 96
-    """longest conditioned prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
+    """longest conditioned prompt accepted (longer: see --prompt-truncation)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    split: str = "train"
+    """the split of --data to read (a dataset directory or hub name, e.g. train_prefs; a single file is 'train')"""
+    prompt_truncation: Literal["left", "skip", "error"] = "error"
+    """a prompt over --max-prompt-len: left keeps its last turns (then tokens), skip drops the row, error stops"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
 
@@ -779,7 +789,8 @@ def label_stage(args, dist, output_file: str) -> Path:
 
     # 1. read and check every row (errors name file, row and field)
     data_path = data.resolve_data_path(args.data, "sft", dist)
-    parsed = data.parse_rows(data.load_rows(data_path), data.parse_sft, data_path, args.skip_bad_rows)
+    rows = data.load_rows(data_path, args.split)
+    parsed = data.parse_rows(rows, data.parse_sft, rows.source, args.skip_bad_rows)
     records = [{"messages": with_attributes(r["messages"], "", "template"), "row": r["row"]} for r in parsed.records]
     n = len(records)
     local = dist.shard(pad_to_multiple(records, dist.world_size))  # contiguous slices: gathering keeps row order
@@ -804,7 +815,7 @@ def label_stage(args, dist, output_file: str) -> Path:
         say(f"labelling {n} rows with {args.label_model} (attributes {names}) on {dist.world_size} rank(s)")
         # the tokens the attribute model was trained on (common.rewards: prompt + reply through its end-of-turn)
         seqs = [
-            rewards.conversation_reward_tokens(tokenizer, r["messages"], data.where(data_path, r["row"]), eos_ids)
+            rewards.conversation_reward_tokens(tokenizer, r["messages"], data.where(parsed.source, r["row"]), eos_ids)
             for r in local
         ]
         fits = [len(s) <= args.max_seq_len for s in seqs]
@@ -814,7 +825,7 @@ def label_stage(args, dist, output_file: str) -> Path:
         pred = predict_attributes(model, [s if ok else stand_in for s, ok in zip(seqs, fits)], tokenizer.pad_token_id,
                                   args.label_batch_size, dist)  # fmt: skip
         for i, values in enumerate(clamp_round(pred).tolist()):
-            context = data.where(data_path, local[i]["row"])
+            context = data.where(parsed.source, local[i]["row"])
             too_long = f"{context}: {len(seqs[i])} tokens, over --max-seq-len {args.max_seq_len} of the label model"
             labels.append(dict(zip(names, values)) if fits[i] else too_long)
     else:
@@ -822,7 +833,7 @@ def label_stage(args, dist, output_file: str) -> Path:
         say(f"labelling {n} rows with rules {args.rules!r} on {dist.world_size} rank(s)")
         for r in local:
             try:
-                labels.append(rule_labels(fn, *split_turn(r["messages"]), data.where(data_path, r["row"])))
+                labels.append(rule_labels(fn, *split_turn(r["messages"]), data.where(parsed.source, r["row"])))
             except data.DataError as e:
                 labels.append(str(e))
 
@@ -833,7 +844,7 @@ def label_stage(args, dist, output_file: str) -> Path:
         raise data.DataError(bad[0])
     rows = [{"messages": r["messages"], "attributes": lab} for r, lab in gathered if isinstance(lab, dict)]
     if not rows:
-        raise data.DataError(f"{data_path}: no row could be labelled ({len(bad)} skipped)")
+        raise data.DataError(f"{parsed.source}: no row could be labelled ({len(bad)} skipped)")
     if dist.is_main:
         demo_task.write_jsonl(rows, output_file)
         for name in rows[0]["attributes"]:
@@ -878,13 +889,19 @@ def train_stage(args: TrainArgs, dist) -> dict:
     if args.data == DEFAULT_LABELLED and not Path(data_path).exists():
         raise FileNotFoundError(f"{data_path}: no labelled data; run `python steerlm.py label` first, or pass --data")
     parsed, eval_parsed, eval_source = data.load_train_eval(
-        data_path, args.eval_data, args.eval_size, data.parse_attributes, args.skip_bad_rows
+        data_path,
+        args.eval_data,
+        args.eval_size,
+        data.parse_attributes,
+        args.skip_bad_rows,
+        args.split,
+        args.eval_split,
     )
 
     def tok(record, context):
         return tokenize_example(tokenizer, record, order, mode, args.max_seq_len, context)
 
-    train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
+    train = data.tokenize_all(parsed.records, tok, parsed.source, args.skip_bad_rows)
     evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
     skipped = parsed.skipped + train.skipped
     demo_eval_on = (args.demo_eval_prompts > 0 or args.steer_prompts > 0) and is_demo_data(parsed.records)
@@ -911,8 +928,8 @@ def train_stage(args: TrainArgs, dist) -> dict:
         f"skipped) eval={len(evals.records)} start={model_path} conditioning={mode} start_step={start_step}"
     )
     tracker.print(f"example: {tokenizer.decode(train.records[0]['input_ids'])!r}")
-    for err in (parsed.errors + train.errors)[:5]:
-        tracker.print(f"skipped: {err}")
+    for line in data.skip_report(parsed, train, eval_parsed, evals):
+        tracker.print(line)
 
     def save(step: int) -> None:
         extra = {"step": step, "skipped_steps": skipped_steps, "initial": initial}
@@ -1135,7 +1152,7 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
                 rewards.conversation_reward_tokens(
                     attr_tokenizer,
                     r["prompt"] + [{"role": "assistant", "content": c}],
-                    data.where(data_path, r["row"]),
+                    data.where(parsed.source, r["row"]),
                     attr_eos,
                 )
                 for r, c in zip(records, completions)
@@ -1143,7 +1160,9 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
             pred = predict_attributes(attr_model, seqs, attr_tokenizer.pad_token_id, args.forward_batch_size, dist)
             return pred[:, [names.index(name) for name in order]].cpu()
         values = [
-            rule_labels(rules, r["text"], c, f"--rules {args.rules} on a sample for {data.where(data_path, r['row'])}")
+            rule_labels(
+                rules, r["text"], c, f"--rules {args.rules} on a sample for {data.where(parsed.source, r['row'])}"
+            )
             for r, c in zip(records, completions)
         ]
         return torch.tensor([[v.get(name, float("nan")) for name in order] for v in values], dtype=torch.float64)
@@ -1152,7 +1171,8 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
     data_path = data.resolve_data_path(args.data, "attributes", dist)
     if args.data == DEFAULT_LABELLED and not Path(data_path).exists():
         raise FileNotFoundError(f"{data_path}: no labelled data; run `python steerlm.py` first, or pass --data")
-    parsed = data.parse_rows(data.load_rows(data_path), data.parse_attributes, data_path, args.skip_bad_rows)
+    rows = data.load_rows(data_path, args.split)
+    parsed = data.parse_rows(rows, data.parse_attributes, rows.source, args.skip_bad_rows)
 
     def to_request(record: dict, context: str) -> dict:
         try:
@@ -1165,8 +1185,16 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
         messages = with_attributes(record["messages"], "", mode)
         prompt = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
         ids = request_ids(tokenizer, prompt, request, mode)
-        if len(ids) > args.max_prompt_len:
-            raise data.DataError(f"{context}: prompt is {len(ids)} tokens, over --max-prompt-len {args.max_prompt_len}")
+        if len(ids) > args.max_prompt_len and args.prompt_truncation != "left":
+            raise data.DataError(
+                f"{context}, field 'messages': prompt is {len(ids)} tokens, {data.TOO_LONG} {args.max_prompt_len} "
+                "(pass --prompt-truncation left to keep its last turns, or skip to drop such rows; or raise the limit)"
+            )
+        for shorter in data.shorter_prompts(prompt) if len(ids) > args.max_prompt_len else ():  # left: last turns
+            prompt, ids = shorter, request_ids(tokenizer, shorter, request, mode)
+            if len(ids) <= args.max_prompt_len:
+                break
+        plain_ids = data.render(tokenizer, prompt, add_generation_prompt=True)
         values = [record["attributes"].get(name) for name in order]
         for name, v in zip(order, values):
             if v is not None and not MIN_VALUE <= round(v) <= MAX_VALUE:
@@ -1175,13 +1203,13 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
             "prompt": prompt,
             "text": split_turn(messages)[0],
             "request": request,
-            "ids": ids,
-            "plain_ids": data.render(tokenizer, prompt, add_generation_prompt=True),
+            "ids": ids[-args.max_prompt_len :],  # left: then cut from the left, the assistant header stays
+            "plain_ids": plain_ids[-args.max_prompt_len :],
             "row": record["row"],
             "values": [float("nan") if v is None else float(round(v)) for v in values],
         }
 
-    requests = data.tokenize_all(parsed.records, to_request, data_path, args.skip_bad_rows)
+    requests = data.tokenize_rows(parsed.records, to_request, parsed.source, args.skip_bad_rows, args.prompt_truncation)
     demo_eval_on = (args.demo_eval_prompts > 0 or args.steer_prompts > 0) and is_demo_data(parsed.records)
     if demo_eval_on:
         check_demo_requests(args, order)
@@ -1202,8 +1230,8 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
         f"P(a|x,y)={args.label_model or 'rules ' + args.rules} (sigma {args.attribute_sigma}) conditioning={mode} "
         f"start_iteration={start}"
     )
-    for err in (parsed.errors + requests.errors)[:5]:
-        tracker.print(f"skipped: {err}")
+    for line in data.skip_report(parsed, requests):
+        tracker.print(line)
 
     def save(iteration: int) -> None:
         extra = {"step": iteration, "skipped_steps": skipped_steps, "initial": initial}
@@ -1360,6 +1388,7 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
 
 if __name__ == "__main__":
     args = tyro.cli(Command, default=AllArgs(), description=__doc__.split("\n\n")[0])
+    data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
     dist = init_distributed()
     if isinstance(args, LabelArgs):
         label_stage(args, dist, args.output_file)
@@ -1374,6 +1403,6 @@ if __name__ == "__main__":
                 label_stage(args, dist, labelled)
             elif dist.is_main:
                 print(f"--resume: keeping the labels in {labelled}")
-            args = dataclasses.replace(args, data=labelled)
+            args = dataclasses.replace(args, data=labelled, split="train")  # --split was the SFT data's
         train_stage(args, dist)
     cleanup(dist)

@@ -1,8 +1,9 @@
 """Data plumbing: reading every contract of DESIGN.md, rendering with the chat template, collating, packing.
 
 Reading goes through `datasets.load_dataset` (local jsonl/json/parquet/csv files, also .jsonl.gz/.json.gz/.csv.gz,
-and hub names). Each row is validated by a `parse_*` function that returns a plain normalised record or raises
-`DataError` naming the file, the row (1-based, = the line of a jsonl file) and the field. `parse_rows` applies one
+local dataset directories and hub names, with their splits: `--split`/`--eval-split`). Each row is validated by a
+`parse_*` function that returns a plain normalised record or raises `DataError` naming the file, the row (1-based,
+= the line of a jsonl file) and the field. `parse_rows` applies one
 of them to a whole dataset and either stops at the first bad row or, when the user asked for it, skips and counts.
 
 Rendering always uses the tokenizer's chat template. The tokens an assistant turn contributes are found by
@@ -32,6 +33,10 @@ HELPSTEER_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity",
 
 class DataError(ValueError):
     """A malformed input row; the message names file, row and field."""
+
+
+class MissingDataFile(DataError, FileNotFoundError):
+    """A data file that does not exist (a FileNotFoundError too, as before)."""
 
 
 def where(source: str, row: int, fld: str | None = None) -> str:
@@ -106,17 +111,38 @@ class Rows(list):
     """The rows of a data file (a list of dicts) and `line_numbers`: the file row of each, 1-based, the line
     of a jsonl file. `parse_rows` names these in its errors; a slice is a plain list (pass its numbers)."""
 
-    def __init__(self, rows: list[dict], line_numbers: list[int] | None = None):
+    def __init__(self, rows: list[dict], line_numbers: list[int] | None = None, source: str = "data"):
         super().__init__(rows)
         self.line_numbers = list(line_numbers) if line_numbers is not None else list(range(1, len(rows) + 1))
+        self.source = source
+
+
+def source_name(spec: str, split: str = "train") -> str:
+    """How errors name a data source: a file by its path; a directory or hub dataset with its split."""
+    return spec if data_format(Path(spec))[0] is not None else f"{spec} [{split}]"
+
+
+def _unknown_split(spec: str, split: str, error: Exception) -> DataError:
+    import re
+
+    import datasets
+
+    found = re.search(r"one of (\[.*?\])", str(error))
+    try:
+        names = found.group(1) if found else str(datasets.get_dataset_split_names(spec))
+    except Exception:  # the names could not be listed: keep datasets' own explanation
+        names = f"unknown ({error})"
+    return DataError(f"{spec}: no split {split!r} (the splits are {names}); pass --split/--eval-split NAME")
 
 
 def load_rows(spec: str, split: str = "train") -> Rows:
-    """Rows of a local file (jsonl/json/parquet/csv, and jsonl/json/csv gzipped: `x.jsonl.gz`) or a `datasets` hub
-    name, as a list of dicts that knows the file row of each (`Rows.line_numbers`: past blank lines of a jsonl
-    file, the line; else the position).
+    """Rows of a local file (jsonl/json/parquet/csv, and jsonl/json/csv gzipped: `x.jsonl.gz`), a local dataset
+    directory or a `datasets` hub name, as a list of dicts that knows the file row of each (`Rows.line_numbers`:
+    past blank lines of a jsonl file, the line; else the position) and how errors name it (`Rows.source`).
 
-    A local path may carry a split in the hub style, `path.jsonl:test` is not supported; pass separate files.
+    `split` picks a split of a directory or hub dataset as `datasets.load_dataset(spec, split=...)` resolves them
+    (`train.jsonl`/`test.jsonl`, `data/train_prefs-00000-of-00001.parquet`, ...); an unknown split is an error that
+    lists the splits there are. A single file is one split, "train".
     """
     import datasets
 
@@ -126,7 +152,12 @@ def load_rows(spec: str, split: str = "train") -> Rows:
     suffix, gzipped = data_format(path)
     if suffix is not None:
         if not path.exists():
-            raise FileNotFoundError(f"{spec}: no such data file")
+            raise MissingDataFile(f"{spec}: no such data file")
+        if split != "train":
+            raise DataError(
+                f"{spec}: no split {split!r} (a single file is one split, 'train'); pass a dataset directory with "
+                "a file per split, or the held-out file as --eval-data"
+            )
         try:
             if _BUILDERS[suffix] == "json":
                 line_numbers = _check_json_lines(spec)
@@ -138,10 +169,13 @@ def load_rows(spec: str, split: str = "train") -> Rows:
             ds = datasets.load_dataset(_BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
         except Exception as e:  # arrow type conflicts etc.: keep datasets' explanation, add the file
             raise DataError(f"{spec}: could not be read as {suffix[1:]}{'.gz' if gzipped else ''}: {e}") from e
-    elif path.is_dir():
-        ds = datasets.load_dataset(str(path), split=split)
-    else:
-        ds = datasets.load_dataset(spec, split=split)
+    else:  # a local dataset directory or a hub name: datasets resolves the split's files
+        try:
+            ds = datasets.load_dataset(str(path) if path.is_dir() else spec, split=split)
+        except ValueError as e:
+            if "Unknown split" not in str(e):
+                raise
+            raise _unknown_split(spec, split, e) from None
     rows = ds.to_list()
     if line_numbers is not None and len(line_numbers) != len(rows):  # datasets read the lines differently
         warnings.warn(
@@ -149,7 +183,7 @@ def load_rows(spec: str, split: str = "train") -> Rows:
             stacklevel=2,
         )
         line_numbers = None
-    return Rows(rows, line_numbers)
+    return Rows(rows, line_numbers, source_name(spec, split))
 
 
 @dataclass
@@ -157,6 +191,7 @@ class Parsed:
     records: list
     skipped: int = 0
     errors: list[str] = field(default_factory=list)
+    source: str = ""  # how errors name the data (parse_rows sets it; scripts pass it on to tokenize_all)
 
 
 def parse_rows(
@@ -169,7 +204,7 @@ def parse_rows(
     """
     if line_numbers is None:
         line_numbers = getattr(rows, "line_numbers", range(1, len(rows) + 1))
-    out = Parsed([])
+    out = Parsed([], source=source)
     for i, row in zip(line_numbers, rows, strict=True):
         try:
             out.records.append(parse(row, source, i) | {"row": i})
@@ -186,23 +221,63 @@ def parse_rows(
 
 
 def load_train_eval(
-    data_path: str, eval_data: str | None, eval_size: int, parse: Callable, skip_bad_rows: bool
+    data_path: str,
+    eval_data: str | None,
+    eval_size: int,
+    parse: Callable,
+    skip_bad_rows: bool,
+    split: str = "train",
+    eval_split: str | None = None,
 ) -> tuple[Parsed, Parsed, str]:
-    """Parsed training rows and held-out rows: `eval_data` when given, else the last `eval_size` rows of
-    `data_path`. Returns (train, eval, eval_source)."""
-    rows = load_rows(data_path)
-    if eval_data is None:
+    """Parsed training rows and held-out rows. The held-out rows are `eval_data` when given (its split
+    `eval_split`, default "train"), else the split `eval_split` of `data_path` when given (e.g. `test_prefs`),
+    else the last `eval_size` rows of the split `split` of `data_path` (not trained on).
+    Returns (train, eval, eval_source); `train.source` names the training data in errors."""
+    rows = load_rows(data_path, split)
+    if eval_data is None and eval_split is None:
         if eval_size < 1:
-            raise ValueError(f"--eval-size must be at least 1 (got {eval_size}), or pass --eval-data")
+            raise ValueError(f"--eval-size must be at least 1 (got {eval_size}), or pass --eval-data/--eval-split")
         if len(rows) <= eval_size:
-            raise ValueError(f"{data_path}: {len(rows)} rows, not more than --eval-size {eval_size}")
+            raise ValueError(f"{rows.source}: {len(rows)} rows, not more than --eval-size {eval_size}")
         # the held-out tail keeps the row numbers of the file
-        train = parse_rows(rows[:-eval_size], parse, data_path, skip_bad_rows, rows.line_numbers[:-eval_size])
-        held_out = parse_rows(rows[-eval_size:], parse, data_path, skip_bad_rows, rows.line_numbers[-eval_size:])
-        return train, held_out, data_path
-    train = parse_rows(rows, parse, data_path, skip_bad_rows)
-    held_out = parse_rows(load_rows(eval_data), parse, eval_data, skip_bad_rows)
-    return train, held_out, eval_data
+        train = parse_rows(rows[:-eval_size], parse, rows.source, skip_bad_rows, rows.line_numbers[:-eval_size])
+        held_out = parse_rows(rows[-eval_size:], parse, rows.source, skip_bad_rows, rows.line_numbers[-eval_size:])
+        return train, held_out, rows.source
+    if eval_data is None and eval_split == split:
+        raise DataError(f"{data_path}: --eval-split {eval_split} is the training split (--split); hold out another one")
+    train = parse_rows(rows, parse, rows.source, skip_bad_rows)
+    eval_rows = load_rows(eval_data or data_path, eval_split or "train")
+    held_out = parse_rows(eval_rows, parse, eval_rows.source, skip_bad_rows)
+    return train, held_out, eval_rows.source
+
+
+MIN_HELD_OUT = 16  # fewer surviving held-out rows than this (after skips) gets a warning: the eval is noise
+
+
+def skip_report(train: Parsed, train_tok: Parsed, held_out: Parsed | None = None, held_out_tok: Parsed | None = None,
+                show: int = 5) -> list[str]:  # fmt: skip
+    """The lines a script prints about skipped rows (--skip-bad-rows, --prompt-truncation skip): the count per
+    reason (malformed = the parse stage, too long = the tokenisation stage) for the training and the held-out
+    data, the first `show` errors, and a warning when the held-out set lost rows and few survive."""
+    lines = []
+    parts = [("train", train, train_tok)] + ([("held-out", held_out, held_out_tok)] if held_out is not None else [])
+    counts = [f"{name} {p.skipped} malformed, {t.skipped} too long" for name, p, t in parts]
+    if any(p.skipped + t.skipped for _, p, t in parts):
+        lines.append("skipped rows: " + "; ".join(counts))
+    for name, p, t in parts:
+        lines += [
+            f"skipped{'' if name == 'train' else ' (' + name + ')'}: {err}" for err in (p.errors + t.errors)[:show]
+        ]
+    if held_out is not None:
+        read = held_out.skipped + len(held_out.records)
+        kept = len(held_out_tok.records)
+        if kept < read and (kept < MIN_HELD_OUT or kept < read / 2):
+            lines.append(
+                f"warning: only {kept} of {read} held-out rows are usable ({held_out.skipped} malformed, "
+                f"{held_out_tok.skipped} too long): the eval metrics rest on few examples; fix those rows, raise "
+                "--max-seq-len/--max-prompt-len, or pass a larger --eval-size, --eval-data or --eval-split"
+            )
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,15 +367,44 @@ def split_hh(chosen: str, rejected: str, source: str, i: int) -> tuple[list[dict
 
 
 def _response(value, prompt: list[dict], source: str, i: int, fld: str) -> str:
-    """A response given as a string, or as messages (optionally repeating the prompt) ending in one reply."""
+    """A response given as a string, or as messages ending in one assistant reply: the reply alone, or the
+    whole conversation repeating the prompt turn(s) first (UltraFeedback-binarized), which must then be the
+    prompt exactly."""
     if isinstance(value, str):
         return _text(value, source, i, fld)
     messages = _messages(value, source, i, fld)
-    if messages[: len(prompt)] == prompt and len(messages) > len(prompt):
-        messages = messages[len(prompt) :]
-    if len(messages) != 1 or messages[0]["role"] != "assistant":
-        raise DataError(f"{where(source, i, fld)}: expected exactly one assistant message after the prompt")
-    return messages[0]["content"]
+    if messages[-1]["role"] != "assistant":
+        raise DataError(
+            f"{where(source, i, fld)}: the last message is not an assistant reply (role {messages[-1]['role']!r})"
+        )
+    if len(messages) > 1 and messages[:-1] != prompt:
+        first = next(
+            (j for j, (a, b) in enumerate(zip(messages[:-1], prompt)) if a != b), min(len(messages) - 1, len(prompt))
+        )
+        raise DataError(
+            f"{where(source, i, f'{fld}[{first}]')}: the turns before the reply differ from 'prompt' (a response "
+            "given as a conversation must repeat the prompt exactly, then end in one assistant message)"
+        )
+    return messages[-1]["content"]
+
+
+def _implicit_prompt(row: dict, source: str, i: int) -> tuple[list[dict], str, str]:
+    """chosen/rejected as whole conversations without a `prompt` column (TRL's implicit-prompt form): the prompt
+    is their shared leading turns, which must be the same in both, each followed by one assistant reply."""
+    chosen = _messages(row["chosen"], source, i, "chosen")
+    rejected = _messages(row["rejected"], source, i, "rejected")
+    for fld, messages in (("chosen", chosen), ("rejected", rejected)):
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise DataError(
+                f"{where(source, i, fld)}: without a 'prompt' column a conversation must be the prompt turns, then "
+                "one assistant reply"
+            )
+    if chosen[:-1] != rejected[:-1]:
+        raise DataError(
+            f"{where(source, i, 'rejected')}: its turns before the reply differ from those of 'chosen' (the two "
+            "conversations must share the prompt)"
+        )
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
 
 
 def _number(row: dict, key: str, source: str, i: int) -> float | None:
@@ -333,6 +437,8 @@ def parse_preference(row: dict, source: str, i: int, strength_column: str | None
         prompt = _messages(row["prompt"], source, i, "prompt")
         chosen = _response(row["chosen"], prompt, source, i, "chosen")
         rejected = _response(row["rejected"], prompt, source, i, "rejected")
+    elif isinstance(row["chosen"], list) or isinstance(row["rejected"], list):
+        prompt, chosen, rejected = _implicit_prompt(row, source, i)
     else:
         chosen_text = _text(row["chosen"], source, i, "chosen")
         rejected_text = _text(row["rejected"], source, i, "rejected")
@@ -391,6 +497,30 @@ def parse_kto(row: dict, source: str, i: int) -> dict:
     }
 
 
+HELPSTEER_TURN = "<extra_id_1>"  # HelpSteer2 writes earlier turns into `prompt` as "\n<extra_id_1>Assistant\n..."
+
+
+def helpsteer_turns(text: str, source: str, i: int) -> list[dict]:
+    """A HelpSteer2 multi-turn `prompt` ("first user turn\n<extra_id_1>Assistant\nreply\n<extra_id_1>User\nnext
+    user turn") as messages: user and assistant turns alternating, ending with a user turn."""
+    import re
+
+    parts = re.split(r"\n?<extra_id_1>(User|Assistant)\n", text)
+    messages = [{"role": "user", "content": parts[0]}]
+    messages += [{"role": role.lower(), "content": content} for role, content in zip(parts[1::2], parts[2::2])]
+    for j, m in enumerate(messages):
+        expected = "user" if j % 2 == 0 else "assistant"
+        if m["role"] != expected or not m["content"].strip() or HELPSTEER_TURN in m["content"]:
+            raise DataError(
+                f"{where(source, i, 'prompt')}: turn {j} of the HelpSteer2 conversation is not a non-empty "
+                f"{expected} turn (expected user/assistant turns separated by '\\n<extra_id_1>Assistant\\n' and "
+                "'\\n<extra_id_1>User\\n', ending with a user turn)"
+            )
+    if messages[-1]["role"] != "user":
+        raise DataError(f"{where(source, i, 'prompt')}: the HelpSteer2 conversation ends with an assistant turn")
+    return [{"role": m["role"], "content": m["content"].strip()} for m in messages]
+
+
 def parse_attributes(row: dict, source: str, i: int) -> dict:
     """SFT row + {"attributes": {name: number}}, or HelpSteer's flat columns (prompt, response, 0-4 scores).
 
@@ -412,7 +542,11 @@ def parse_attributes(row: dict, source: str, i: int) -> dict:
                 values[name] = float(value)
         return {"messages": parse_sft(row, source, i)["messages"], "attributes": values}
     if _present(row, "prompt") and _present(row, "response"):
-        prompt = _messages(row["prompt"], source, i, "prompt")
+        prompt = (
+            helpsteer_turns(row["prompt"], source, i)
+            if isinstance(row["prompt"], str) and HELPSTEER_TURN in row["prompt"]
+            else _messages(row["prompt"], source, i, "prompt")
+        )
         response = _text(row["response"], source, i, "response")
         values = {name: _number(row, name, source, i) for name in HELPSTEER_ATTRIBUTES if name in row}
         if not values:
@@ -481,11 +615,77 @@ def tokenize_sft(tokenizer, record: dict, max_len: int, context: str) -> dict:
     return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
 
-def tokenize_prompt(tokenizer, prompt: list[dict], max_prompt_len: int, context: str, **template_kwargs) -> list[int]:
+PROMPT_TRUNCATION = ("left", "skip", "error")
+TOO_LONG = "over --max-prompt-len"  # in every too-long-prompt error: how `tokenize_rows` tells them apart
+
+
+def fit_prompt(
+    tokenizer,
+    prompt: list[dict],
+    max_prompt_len: int,
+    context: str,
+    truncation: str = "error",
+    fld: str = "prompt",
+    **template_kwargs,
+) -> tuple[list[dict], list[int], int]:
+    """Fit a prompt into `max_prompt_len` tokens. Returns (messages, ids, cut): the turns kept, their rendering
+    with the generation prompt, and how many tokens to drop from its left (`ids[cut:]` is what the model reads;
+    responses are rendered after the whole `ids`, so the template's prefix check still holds).
+
+    truncation "left" keeps the last turns: it drops whole leading turns (a leading system turn stays; the kept
+    conversation starts at a user turn) until the prompt fits, and only when the last user turn alone is too long
+    cuts tokens from the left, so the prompt always ends with the assistant header. "error" and "skip" raise a
+    DataError naming the field and the flag ("skip" rows are then dropped by `tokenize_rows`).
+    """
+    if truncation not in PROMPT_TRUNCATION:
+        raise ValueError(f"--prompt-truncation must be one of {PROMPT_TRUNCATION}, got {truncation!r}")
     ids = render(tokenizer, prompt, add_generation_prompt=True, **template_kwargs)
-    if len(ids) > max_prompt_len:
-        raise DataError(f"{context}: prompt is {len(ids)} tokens, over --max-prompt-len {max_prompt_len}")
-    return ids
+    if len(ids) <= max_prompt_len:
+        return prompt, ids, 0
+    if truncation != "left":
+        raise DataError(
+            f"{context}, field '{fld}': prompt is {len(ids)} tokens, {TOO_LONG} {max_prompt_len} "
+            "(pass --prompt-truncation left to keep its last turns, or skip to drop such rows; or raise the limit)"
+        )
+    messages = prompt
+    for messages in shorter_prompts(prompt):
+        ids = render(tokenizer, messages, add_generation_prompt=True, **template_kwargs)
+        if len(ids) <= max_prompt_len:
+            return messages, ids, 0
+    return messages, ids, len(ids) - max_prompt_len
+
+
+def shorter_prompts(prompt: list[dict]):
+    """The prompts --prompt-truncation left tries, longest first: whole leading turns dropped one exchange at a
+    time (a leading system turn stays; each starts at a user turn), down to the last turn."""
+    system = prompt[:1] if prompt[0]["role"] == "system" else []
+    turns = prompt[len(system) :]
+    while len(turns) > 1:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+        yield system + turns
+
+
+def tokenize_prompt(
+    tokenizer,
+    prompt: list[dict],
+    max_prompt_len: int,
+    context: str,
+    truncation: str = "error",
+    fld: str = "prompt",
+    **template_kwargs,
+) -> list[int]:
+    """The prompt's ids with the generation prompt, at most `max_prompt_len` (see `fit_prompt`)."""
+    _, ids, cut = fit_prompt(tokenizer, prompt, max_prompt_len, context, truncation, fld, **template_kwargs)
+    return ids[cut:]
+
+
+def tokenize_prompt_row(tokenizer, record: dict, max_prompt_len: int, context: str, truncation: str = "error") -> dict:
+    """An online script's prompt record with its ids ("ids"); under --prompt-truncation left its "prompt" becomes
+    the turns kept, so what the policy and the reward see agree."""
+    prompt, ids, cut = fit_prompt(tokenizer, record["prompt"], max_prompt_len, context, truncation)
+    return record | {"prompt": prompt, "ids": ids[cut:]}
 
 
 def tokenize_response(tokenizer, prompt: list[dict], prompt_ids: list[int], response: str, context: str) -> list[int]:
@@ -495,14 +695,18 @@ def tokenize_response(tokenizer, prompt: list[dict], prompt_ids: list[int], resp
     return full[len(prompt_ids) :]
 
 
-def tokenize_pair(tokenizer, record: dict, max_len: int, max_prompt_len: int, context: str) -> dict:
-    """Prompt, chosen and rejected token ids; responses truncated to fit max_len after the prompt."""
-    prompt_ids = tokenize_prompt(tokenizer, record["prompt"], max_prompt_len, context)
+def tokenize_pair(
+    tokenizer, record: dict, max_len: int, max_prompt_len: int, context: str, truncation: str = "error"
+) -> dict:
+    """Prompt, chosen and rejected token ids; responses truncated to fit max_len after the prompt, the prompt
+    fitted to max_prompt_len by `truncation` (see `fit_prompt`)."""
+    prompt, full_prompt_ids, cut = fit_prompt(tokenizer, record["prompt"], max_prompt_len, context, truncation)
+    prompt_ids = full_prompt_ids[cut:]
     room = max_len - len(prompt_ids)
     if room < 1:
         raise DataError(f"{context}: the prompt ({len(prompt_ids)} tokens) leaves no room for a response in {max_len}")
-    chosen = tokenize_response(tokenizer, record["prompt"], prompt_ids, record["chosen"], context)
-    rejected = tokenize_response(tokenizer, record["prompt"], prompt_ids, record["rejected"], context)
+    chosen = tokenize_response(tokenizer, prompt, full_prompt_ids, record["chosen"], context)
+    rejected = tokenize_response(tokenizer, prompt, full_prompt_ids, record["rejected"], context)
     return {
         "prompt_ids": prompt_ids,
         "chosen_ids": chosen[:room],
@@ -525,6 +729,37 @@ def tokenize_all(items: list[dict], fn: Callable, source: str, skip_bad_rows: bo
     if not out.records:
         raise DataError(f"{source}: no usable examples after tokenization ({out.skipped} skipped)")
     return out
+
+
+def tokenize_rows(
+    items: list[dict], fn: Callable, source: str, skip_bad_rows: bool, truncation: str = "error"
+) -> Parsed:
+    """`tokenize_all` under --prompt-truncation: with "skip" a prompt over --max-prompt-len drops its row (counted
+    with the skipped rows) even without --skip-bad-rows; any other bad row still stops the run unless skipping."""
+    if truncation != "skip" or skip_bad_rows:
+        return tokenize_all(items, fn, source, skip_bad_rows)
+    out = tokenize_all(items, fn, source, True)
+    other = [err for err in out.errors if TOO_LONG not in err]
+    if other:
+        raise DataError(other[0])
+    return out
+
+
+def exit_on_data_error() -> None:
+    """Make a data error (`DataError`: a bad row, field, file or split) end the run as its one line on stderr
+    (file, row, field, what to do), not a traceback: the fix is in the data or the flags, not in the code. The
+    exit status stays 1; other errors keep their traceback."""
+    import sys
+
+    previous = sys.excepthook
+
+    def hook(kind, error, tb):
+        if issubclass(kind, DataError):
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        else:
+            previous(kind, error, tb)
+
+    sys.excepthook = hook
 
 
 # ---------------------------------------------------------------------------------------------------------------

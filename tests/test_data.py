@@ -142,6 +142,8 @@ def test_script_names_the_line_after_blank_lines(demo_base, tmp_path):
     proc = run_script("reward_model.py", "--model-path", str(demo_base), "--data", str(path), "--eval-size", "4",
                       "--output-dir", str(tmp_path / "o"), check=False)  # fmt: skip
     assert proc.returncode != 0 and f"{path}: row 30, field 'rejected': missing" in proc.stderr, proc.stderr[-2000:]
+    # one line for the user, no traceback (common.data.exit_on_data_error)
+    assert "Traceback" not in proc.stderr and f"error: {path}: row 30, field 'rejected': missing\n" in proc.stderr
 
 
 # --- SFT ----------------------------------------------------------------------------------------------------------
@@ -262,7 +264,7 @@ def test_parse_preference_hh_shared_response_prefix():
         ),
         (
             {"prompt": "q", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"},
-            "f: row 7, field 'chosen': expected exactly one assistant message",
+            "f: row 7, field 'chosen': the last message is not an assistant reply (role 'user')",
         ),
         (
             {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: a"},
@@ -420,7 +422,10 @@ def test_tokenize_pair_and_prompt_too_long(tokenizer):
     assert out["prompt_ids"] + out["chosen_ids"] == data.render(
         tokenizer, record["prompt"] + [{"role": "assistant", "content": "8"}]
     )
-    with pytest.raises(DataError, match=r"^c: prompt is \d+ tokens, over --max-prompt-len 3$"):
+    with pytest.raises(
+        DataError,
+        match=r"^c, field 'prompt': prompt is \d+ tokens, over --max-prompt-len 3 \(pass --prompt-truncation left",
+    ):
         data.tokenize_pair(tokenizer, record, 64, 3, "c")
     n = len(out["prompt_ids"])
     with pytest.raises(DataError, match=r"^c: the prompt \(\d+ tokens\) leaves no room for a response"):
