@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,11 +347,7 @@ def write_topk_cache(path: Path, key: str, teacher, examples: list[dict], args: 
     log-probs of each label position to its own part files; the main process writes meta.json and COMPLETE and
     swaps the directory in (a kill mid-way leaves the previous cache or none, never a partial one)."""
     path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    if dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+    tmp = checkpoint.staging_dir(path, dist)
     per_rank = -(-len(examples) // dist.world_size)
     first = dist.rank * per_rank
     local = examples[first : first + per_rank]
@@ -382,11 +377,7 @@ def write_topk_cache(path: Path, key: str, teacher, examples: list[dict], args: 
                 "examples": len(examples), "parts": [p for p in parts if p is not None]}  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
         (tmp / "COMPLETE").write_text("")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        checkpoint.swap_in(path)
     dist.barrier()
 
 
@@ -670,14 +661,7 @@ if __name__ == "__main__":
             t0, t_gen = time.time(), 0.0
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             save(step + 1)
-        if stop.requested(dist):
-            save(step + 1)
-            tracker.print(
-                f"{stop.signal_name}: checkpoint saved at step {step + 1} in {args.output_dir}; resume with --resume"
-            )
-            tracker.finish()
-            cleanup(dist)
-            raise SystemExit(0)
+        stop.exit_if_requested(dist, lambda: save(step + 1), f"at step {step + 1}", args.output_dir, tracker)
     tracker.close_progress()
 
     # 7. final evaluation and export

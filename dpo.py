@@ -697,14 +697,7 @@ if __name__ == "__main__":
             t0, seqs = time.time(), 0
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             save(step + 1)
-        if stop.requested(dist):
-            save(step + 1)
-            tracker.print(
-                f"{stop.signal_name}: checkpoint saved at step {step + 1} in {args.output_dir}; resume with --resume"
-            )
-            tracker.finish()
-            cleanup(dist)
-            raise SystemExit(0)
+        stop.exit_if_requested(dist, lambda: save(step + 1), f"at step {step + 1}", args.output_dir, tracker)
     tracker.close_progress()
 
     # 7. final evaluation and export

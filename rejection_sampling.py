@@ -399,14 +399,7 @@ if __name__ == "__main__":
             tracker.table("kept samples", ["prompt", "response", "reward"], table, update + 1)
         if args.save_every and (update + 1) % args.save_every == 0 and update + 1 < num_updates:
             save(update + 1)
-        if stop.requested(dist):
-            save(update + 1)
-            tracker.print(
-                f"{stop.signal_name}: checkpoint saved at update {update + 1} in {args.output_dir}; resume with --resume"
-            )
-            tracker.finish()
-            cleanup(dist)
-            raise SystemExit(0)
+        stop.exit_if_requested(dist, lambda: save(update + 1), f"at update {update + 1}", args.output_dir, tracker)
     tracker.close_progress()
 
     # 6. final evaluation and export

@@ -481,10 +481,7 @@ if __name__ == "__main__":
         checkpoint.export_pretrained(model, tokenizer, args.output_dir, dist)
 
     def stop_now(where: str) -> None:
-        tracker.print(f"{stop.signal_name}: checkpoint saved {where} in {args.output_dir}; resume with --resume")
-        tracker.finish()
-        cleanup(dist)
-        raise SystemExit(0)
+        stop.exit(dist, where, args.output_dir, tracker)
 
     demo_eval_on = args.demo_eval_prompts > 0 and args.data == "demo"
     if demo_eval_on and not args.resume:

@@ -985,14 +985,7 @@ def train_stage(args: TrainArgs, dist) -> dict:
             tokens_seen, t0 = 0, time.time()
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             save(step + 1)
-        if stop.requested(dist):
-            save(step + 1)
-            tracker.print(
-                f"{stop.signal_name}: checkpoint saved at step {step + 1} in {args.output_dir}; resume with --resume"
-            )
-            tracker.finish()
-            cleanup(dist)
-            raise SystemExit(0)
+        stop.exit_if_requested(dist, lambda: save(step + 1), f"at step {step + 1}", args.output_dir, tracker)
     tracker.close_progress()
 
     # 6. final evaluation (steerability, ground truth) and export
@@ -1347,15 +1340,9 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
         # 4. checkpoint (whole iterations: a stop request is honoured when the running iteration ends)
         if args.save_every and (iteration + 1) % args.save_every == 0 and iteration + 1 < args.iterations:
             save(iteration + 1)
-        if stop.requested(dist):
-            save(iteration + 1)
-            tracker.print(
-                f"{stop.signal_name}: checkpoint saved after iteration {iteration + 1} in {args.output_dir}; "
-                "resume with --resume"
-            )
-            tracker.finish()
-            cleanup(dist)
-            raise SystemExit(0)
+        stop.exit_if_requested(
+            dist, lambda: save(iteration + 1), f"after iteration {iteration + 1}", args.output_dir, tracker
+        )
     tracker.close_progress()
 
     # 5. final evaluation (steerability, the ideal request's ground truth) beside Q''s, and export

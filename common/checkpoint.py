@@ -123,12 +123,8 @@ def save_trainer_state(
     scheduler state, data position, controllers...). Optimizers are keyed like the model they update."""
     import torch.distributed.checkpoint as dcp
 
-    output_dir = Path(output_dir)
-    final, tmp, old = output_dir / STATE_DIR, output_dir / (STATE_DIR + ".tmp"), output_dir / (STATE_DIR + ".old")
-    if dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+    final = Path(output_dir) / STATE_DIR
+    tmp = staging_dir(final, dist)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP warns that a single process "assumes no distributed intent"
         dcp.save(_dcp_state(models, optimizers), checkpoint_id=str(tmp))
@@ -137,13 +133,31 @@ def save_trainer_state(
     if dist.is_main:
         torch.save(extra, tmp / "state.pt")
         (tmp / "COMPLETE").write_text(json.dumps({"world_size": dist.world_size, "step": extra.get("step")}))
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(final)
     dist.barrier()
     return final
+
+
+def staging_dir(final: Path, dist) -> Path:
+    """`final.tmp`, emptied and created by the main process, for a directory written whole before `swap_in`."""
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    return tmp
+
+
+def swap_in(final: Path) -> None:
+    """Make the complete staging directory `final.tmp` the new `final` (main process): final -> final.old,
+    final.tmp -> final, final.old deleted. A kill at any moment leaves a complete directory at `final` or at
+    `final.old` (`find_trainer_state` looks there too; distill.py then rebuilds its top-K cache)."""
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def find_trainer_state(output_dir: str | Path) -> Path | None:

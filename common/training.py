@@ -76,6 +76,23 @@ class StopSignal:
     def requested(self, dist) -> bool:
         return dist.sum(float(self.flag)) > 0
 
+    def exit_if_requested(self, dist, save, where: str, output_dir, tracker) -> None:
+        """If a stop was requested (on any rank): `save()` the checkpoint, say where it is (`where`, e.g. "at step
+        12"), close the tracker and the process group, and exit 0. Every script's loop ends with this."""
+        if not self.requested(dist):
+            return
+        save()
+        self.exit(dist, where, output_dir, tracker)
+
+    def exit(self, dist, where: str, output_dir, tracker) -> None:
+        """The end of a stopped run whose checkpoint is saved: one line naming it, tracker and process group closed."""
+        from common.dist import cleanup
+
+        tracker.print(f"{self.signal_name}: checkpoint saved {where} in {output_dir}; resume with --resume")
+        tracker.finish()
+        cleanup(dist)
+        raise SystemExit(0)
+
 
 class NonFiniteLoss(RuntimeError):
     pass
