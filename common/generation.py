@@ -225,7 +225,9 @@ def generate(
             for _ in range(max_new_tokens):
                 logits = next_logits.float()  # (B, V)
                 nan = torch.isnan(logits).any(-1)  # (B,) checked with the stopping all-reduce below, on every rank
-                logits = never_sampled(torch.where(nan[:, None], torch.zeros_like(logits), logits), pad_id)
+                if nan.any():  # sample something from those rows; the error is raised after the all-reduce
+                    logits = torch.where(nan[:, None], torch.zeros_like(logits), logits)
+                logits = never_sampled(logits, pad_id)
                 uniforms = None
                 if sample_keys is not None and temperature > 0:
                     keys = torch.tensor(sample_keys[b * batch_size : (b + 1) * batch_size], device=dist.device)
