@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -511,17 +512,50 @@ def tokenize_pair(tokenizer, record: dict, max_len: int, max_prompt_len: int, co
     }
 
 
-def tokenize_all(items: list[dict], fn: Callable, source: str, skip_bad_rows: bool) -> Parsed:
-    """Tokenize parsed records with `fn(record, context)`, with the same stop-or-skip policy as parsing."""
+def tokenize_all(
+    items: list[dict],
+    fn: Callable,
+    source: str,
+    skip_bad_rows: bool,
+    num_proc: int | None = None,
+    cache_dir: str | None = None,
+    dist=None,
+) -> Parsed:
+    """Tokenize parsed records with `fn(record, context)`, with the same stop-or-skip policy as parsing.
+
+    num_proc (`--num-proc`): 0 = this plain loop, in this process, every run; n >= 1 = `datasets` map with n
+    worker processes, cached under `cache_dir` (`--data-cache-dir`, default next to datasets' cache) by a
+    fingerprint of the records, the tokenizer, `fn` and what it reads, so a second run reads the tokens back
+    (common/prep.py); None = 0 for fewer than 1000 records, else min(8, CPUs). Under torchrun the main rank
+    tokenises and the others read its cache. Errors and skips are the plain loop's, in row order.
+    """
+    from common import prep
+
+    num_proc = prep.default_num_proc(len(items)) if num_proc is None else num_proc
     out = Parsed([])
-    for i, item in enumerate(items, 1):
-        try:
-            out.records.append(fn(item, f"{source}: row {item.get('row', i)}"))
-        except DataError as e:
-            if not skip_bad_rows:
-                raise
-            out.skipped += 1
-            out.errors.append(str(e))
+    if num_proc == 0:
+        for i, item in enumerate(items, 1):
+            try:
+                out.records.append(fn(item, f"{source}: row {item.get('row', i)}"))
+            except DataError as e:
+                if not skip_bad_rows:
+                    raise
+                out.skipped += 1
+                out.errors.append(str(e))
+    else:
+        is_main, _ = (dist.is_main, None) if dist is not None else prep._torch_dist()
+        started = time.perf_counter()
+        outputs, errors, how = prep.tokenize(items, fn, source, skip_bad_rows, num_proc, cache_dir, dist)
+        if is_main:
+            print(f"data: {source}: {len(items)} records tokenised, {how}, {time.perf_counter() - started:.1f} s")
+        for output, error in zip(outputs, errors, strict=True):
+            if error is None:
+                out.records.append(output)
+            elif not skip_bad_rows:
+                raise DataError(error) from None
+            else:
+                out.skipped += 1
+                out.errors.append(error)
     if not out.records:
         raise DataError(f"{source}: no usable examples after tokenization ({out.skipped} skipped)")
     return out
