@@ -113,6 +113,11 @@ class Args:
     """on-policy: longest prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    num_proc: int | None = None
+    """processes that tokenise the data (`datasets` map; the tokens are cached on disk, so a rerun with the same data,
+    tokenizer and settings reads them back); default: 0 (a plain loop, no cache) under 1000 rows, else min(8, CPUs)"""
+    data_cache_dir: str | None = None
+    """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
     chat_template: str | None = None
@@ -479,14 +484,23 @@ if __name__ == "__main__":
         def tok(record, context):
             return data.tokenize_sft(tokenizer, record, args.max_seq_len, context)
 
-        train = data.tokenize_all(parsed.records[: args.max_rows or None], tok, data_path, args.skip_bad_rows)
-        evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
+        train = data.tokenize_all(
+            parsed.records[: args.max_rows or None],
+            tok,
+            data_path,
+            args.skip_bad_rows,
+            args.num_proc,
+            args.data_cache_dir,
+        )
+        evals = data.tokenize_all(
+            eval_parsed.records, tok, eval_source, args.skip_bad_rows, args.num_proc, args.data_cache_dir
+        )
         records, eval_records = train.records, evals.records
         skipped_rows = parsed.skipped + train.skipped
     else:
         parsed = data.parse_rows(data.load_rows(data_path), data.parse_sft, data_path, args.skip_bad_rows)
         train = data.tokenize_all(parsed.records[: args.max_rows or None], lambda r, c: on_policy_record(tokenizer, r, args, c), data_path,
-                                  args.skip_bad_rows)  # fmt: skip
+                                  args.skip_bad_rows, args.num_proc, args.data_cache_dir)  # fmt: skip
         records, eval_records = train.records, []
         skipped_rows = parsed.skipped + train.skipped
 

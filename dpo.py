@@ -92,6 +92,11 @@ class Args:
     """longest prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    num_proc: int | None = None
+    """processes that tokenise the data (`datasets` map; the tokens are cached on disk, so a rerun with the same data,
+    tokenizer and settings reads them back); default: 0 (a plain loop, no cache) under 1000 rows, else min(8, CPUs)"""
+    data_cache_dir: str | None = None
+    """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
     chat_template: str | None = None
@@ -512,8 +517,10 @@ if __name__ == "__main__":
         t = data.tokenize_pair(tokenizer, record, args.max_seq_len, args.max_prompt_len, context)
         return t | {"chosen_reward": record["chosen_reward"], "rejected_reward": record["rejected_reward"]}
 
-    train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
-    evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
+    train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows, args.num_proc, args.data_cache_dir)
+    evals = data.tokenize_all(
+        eval_parsed.records, tok, eval_source, args.skip_bad_rows, args.num_proc, args.data_cache_dir
+    )
     if mismatched:  # each row's prompt with another row's completion, fixed for the run (precomputable)
         for records in (train.records, evals.records):
             for e, other in zip(records, mismatched_completions(records, args.max_seq_len)):

@@ -96,6 +96,11 @@ class Args:
     """longest prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    num_proc: int | None = None
+    """processes that tokenise the data (`datasets` map; the tokens are cached on disk, so a rerun with the same data,
+    tokenizer and settings reads them back); default: 0 (a plain loop, no cache) under 1000 rows, else min(8, CPUs)"""
+    data_cache_dir: str | None = None
+    """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
     chat_template: str | None = None
@@ -244,6 +249,8 @@ if __name__ == "__main__":
         lambda r, c: r | {"ids": data.tokenize_prompt(tokenizer, r["prompt"], args.max_prompt_len, c)},
         data_path,
         args.skip_bad_rows,
+        args.num_proc,
+        args.data_cache_dir,
     )
 
     # 4. optimiser, schedule, resume

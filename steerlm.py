@@ -152,6 +152,11 @@ class TrainArgs:
     """tokens per example, attribute string included (longer examples are truncated on the right)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    num_proc: int | None = None
+    """processes that tokenise the data (`datasets` map; the tokens are cached on disk, so a rerun with the same data,
+    tokenizer and settings reads them back); default: 0 (a plain loop, no cache) under 1000 rows, else min(8, CPUs)"""
+    data_cache_dir: str | None = None
+    """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
     chat_template: str | None = None
@@ -282,6 +287,11 @@ class Steer2Args(LabelOptions):
     """longest conditioned prompt accepted (longer: an error, or a skip with --skip-bad-rows)"""
     skip_bad_rows: bool = False
     """skip (and count) malformed rows instead of stopping at the first one"""
+    num_proc: int | None = None
+    """processes that tokenise the data (`datasets` map; the tokens are cached on disk, so a rerun with the same data,
+    tokenizer and settings reads them back); default: 0 (a plain loop, no cache) under 1000 rows, else min(8, CPUs)"""
+    data_cache_dir: str | None = None
+    """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
 
@@ -884,8 +894,10 @@ def train_stage(args: TrainArgs, dist) -> dict:
     def tok(record, context):
         return tokenize_example(tokenizer, record, order, mode, args.max_seq_len, context)
 
-    train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows)
-    evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
+    train = data.tokenize_all(parsed.records, tok, data_path, args.skip_bad_rows, args.num_proc, args.data_cache_dir)
+    evals = data.tokenize_all(
+        eval_parsed.records, tok, eval_source, args.skip_bad_rows, args.num_proc, args.data_cache_dir
+    )
     skipped = parsed.skipped + train.skipped
     demo_eval_on = (args.demo_eval_prompts > 0 or args.steer_prompts > 0) and is_demo_data(parsed.records)
     if demo_eval_on:
@@ -1181,7 +1193,9 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
             "values": [float("nan") if v is None else float(round(v)) for v in values],
         }
 
-    requests = data.tokenize_all(parsed.records, to_request, data_path, args.skip_bad_rows)
+    requests = data.tokenize_all(
+        parsed.records, to_request, data_path, args.skip_bad_rows, args.num_proc, args.data_cache_dir
+    )
     demo_eval_on = (args.demo_eval_prompts > 0 or args.steer_prompts > 0) and is_demo_data(parsed.records)
     if demo_eval_on:
         check_demo_requests(args, order)

@@ -512,6 +512,14 @@ def tokenize_pair(tokenizer, record: dict, max_len: int, max_prompt_len: int, co
     }
 
 
+def _result(fn: Callable, item: dict, context: str):
+    """fn's output, or the DataError it raised."""
+    try:
+        return fn(item, context)
+    except DataError as e:
+        return e
+
+
 def tokenize_all(
     items: list[dict],
     fn: Callable,
@@ -532,30 +540,23 @@ def tokenize_all(
     from common import prep
 
     num_proc = prep.default_num_proc(len(items)) if num_proc is None else num_proc
-    out = Parsed([])
-    if num_proc == 0:
-        for i, item in enumerate(items, 1):
-            try:
-                out.records.append(fn(item, f"{source}: row {item.get('row', i)}"))
-            except DataError as e:
-                if not skip_bad_rows:
-                    raise
-                out.skipped += 1
-                out.errors.append(str(e))
+    if num_proc == 0:  # lazily, so that a bad row stops the loop where it is
+        results = (_result(fn, item, f"{source}: row {item.get('row', i)}") for i, item in enumerate(items, 1))
     else:
-        is_main, _ = (dist.is_main, None) if dist is not None else prep._torch_dist()
+        is_main = dist.is_main if dist is not None else prep._torch_dist()[0]
         started = time.perf_counter()
-        outputs, errors, how = prep.tokenize(items, fn, source, skip_bad_rows, num_proc, cache_dir, dist)
+        results, how = prep.tokenize(items, fn, source, skip_bad_rows, num_proc, cache_dir, dist)
         if is_main:
             print(f"data: {source}: {len(items)} records tokenised, {how}, {time.perf_counter() - started:.1f} s")
-        for output, error in zip(outputs, errors, strict=True):
-            if error is None:
-                out.records.append(output)
-            elif not skip_bad_rows:
-                raise DataError(error) from None
-            else:
-                out.skipped += 1
-                out.errors.append(error)
+    out = Parsed([])
+    for result in results:
+        if not isinstance(result, DataError):
+            out.records.append(result)
+        elif not skip_bad_rows:
+            raise result
+        else:
+            out.skipped += 1
+            out.errors.append(str(result))
     if not out.records:
         raise DataError(f"{source}: no usable examples after tokenization ({out.skipped} skipped)")
     return out

@@ -289,6 +289,7 @@ _JOB: tuple | None = None  # (items, fn, source) of the running map: forked work
 
 
 def _map_batch(batch: dict) -> dict:
+    """Per record: its pickled output, or its pickled DataError and message (the `error` column)."""
     from common.data import DataError
 
     items, fn, source = _JOB
@@ -296,13 +297,32 @@ def _map_batch(batch: dict) -> dict:
     for position in batch["position"]:
         item = items[position]
         try:
-            result = fn(item, f"{source}: row {item.get('row', position + 1)}")
-            outs.append(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+            outs.append(pickle.dumps(fn(item, f"{source}: row {item.get('row', position + 1)}"), protocol=5))
             errors.append(None)
         except DataError as e:
-            outs.append(None)
+            try:
+                outs.append(pickle.dumps(e, protocol=5))
+            except Exception:  # an unpicklable subclass: its message is kept
+                outs.append(None)
             errors.append(str(e))
     return {"out": outs, "error": errors}
+
+
+def _results(outs: list, errors: list) -> list:
+    """Unpickled outputs, with each bad row's DataError in its place (rebuilt from the message if need be)."""
+    from common.data import DataError
+
+    results = []
+    for out, error in zip(outs, errors, strict=True):
+        if error is None:
+            results.append(pickle.loads(out))
+            continue
+        try:
+            e = pickle.loads(out)
+        except Exception:
+            e = None
+        results.append(e if isinstance(e, DataError) and str(e) == error else DataError(error))
+    return results
 
 
 def _run_map(items: list, fn: Callable, source: str, num_proc: int, directory: Path) -> None:
@@ -338,8 +358,8 @@ def _run_map(items: list, fn: Callable, source: str, num_proc: int, directory: P
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read(directory: Path) -> tuple[list, list] | None:
-    """(outputs, errors) of a finished cache entry, or None when there is none (or it is unreadable)."""
+def _read(directory: Path) -> list | None:
+    """The results of a finished cache entry (see `tokenize`), or None when there is none or it is unreadable."""
     import datasets
     import pyarrow as pa
 
@@ -352,21 +372,22 @@ def _read(directory: Path) -> tuple[list, list] | None:
         table = pa.concat_tables(tables)
         if table.num_rows != meta["rows"]:
             return None
-        outs = [None if b is None else pickle.loads(b) for b in table.column("out").to_pylist()]
-        return outs, table.column("error").to_pylist()
+        return _results(table.column("out").to_pylist(), table.column("error").to_pylist())
     except Exception:
         return None
 
 
-def _loop(items: list, fn: Callable, source: str) -> tuple[list, list]:
-    """The plain in-process loop, as (outputs, errors) per record."""
-    global _JOB
-    _JOB = (items, fn, source)
-    try:
-        out = _map_batch({"position": range(len(items))})
-    finally:
-        _JOB = None
-    return [None if b is None else pickle.loads(b) for b in out["out"]], out["error"]
+def _loop(items: list, fn: Callable, source: str) -> list:
+    """The plain in-process loop, as results (see `tokenize`)."""
+    from common.data import DataError
+
+    results = []
+    for i, item in enumerate(items, 1):
+        try:
+            results.append(fn(item, f"{source}: row {item.get('row', i)}"))
+        except DataError as e:
+            results.append(e)
+    return results
 
 
 def tokenize(
@@ -378,9 +399,9 @@ def tokenize(
     cache_dir: str | Path | None = None,
     dist=None,
     log: Callable[[str], None] = print,
-) -> tuple[list, list, str]:
-    """`fn(record, context)` over `items`: (outputs, errors, how) with, per record, either its output or its
-    DataError's message; how = "loop", "cached" or "computed" (plus a reason when the cache was off).
+) -> tuple[list, str]:
+    """`fn(record, context)` over `items`: (results, how) with, per record in order, its output or the DataError
+    it raised; how = "loop", "cached" or "computed" (plus a reason when the cache was off).
 
     num_proc: None = `default_num_proc`; 0 = the plain loop in this process, no cache; n >= 1: `Dataset.map`
     with n processes, cached under `cache_dir` (default `default_cache_dir()`).
@@ -389,14 +410,12 @@ def tokenize(
     if num_proc < 0:
         raise ValueError(f"--num-proc must be >= 0 (got {num_proc})")
     if num_proc == 0:
-        outs, errors = _loop(items, fn, source)
-        return outs, errors, "loop"
+        return _loop(items, fn, source), "loop"
     try:
         fp = fingerprint(items, fn, source, skip_bad_rows)
     except Uncacheable as e:
         log(f"data: tokenising {source} without the cache: {e}")
-        outs, errors = _loop(items, fn, source)
-        return outs, errors, "loop (uncacheable)"
+        return _loop(items, fn, source), "loop (uncacheable)"
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     directory = directory / fp
     is_main, barrier = (dist.is_main, dist.barrier) if dist is not None else _torch_dist()
@@ -408,9 +427,8 @@ def tokenize(
     barrier()
     result = _read(directory)
     if result is None:  # unreadable, or this rank fingerprinted differently: never wrong, just slower
-        outs, errors = _loop(items, fn, source)
-        return outs, errors, "loop (cache unreadable)"
-    return result[0], result[1], how
+        return _loop(items, fn, source), "loop (cache unreadable)"
+    return result, how
 
 
 def _torch_dist() -> tuple[bool, Callable[[], None]]:
