@@ -239,11 +239,13 @@ def versions() -> dict[str, str]:
 
 def fingerprint(items: list, fn: Callable, source: str, skip_bad_rows: bool) -> str:
     """What the tokenised result depends on: records (every field, row numbers included), the function with what
-    it reads, the source name (it is in the error messages), the skip policy and the library versions.
+    it reads, the source files of common/, the source name (it is in the error messages), the skip policy and the
+    library versions.
     Raises `Uncacheable` when part of it cannot be hashed."""
     hasher = _Hasher()
     hasher.feed(json.dumps(versions(), sort_keys=True), source, skip_bad_rows, len(items))
-    hasher.feed(file_digest(__file__), file_digest(str(Path(__file__).with_name("data.py"))))
+    # every file of common/ (the rendering and tokenising code, and whatever it calls), not only the ones `fn` names
+    hasher.feed(*(f"{p.name}:{file_digest(str(p))}" for p in sorted(Path(__file__).parent.glob("*.py"))))
     hasher.function(fn)
     records = hashlib.sha256()
     for item in items:
@@ -404,7 +406,8 @@ def tokenize(
     it raised; how = "loop", "cached" or "computed" (plus a reason when the cache was off).
 
     num_proc: None = `default_num_proc`; 0 = the plain loop in this process, no cache; n >= 1: `Dataset.map`
-    with n processes, cached under `cache_dir` (default `default_cache_dir()`).
+    with up to n processes (one per ROWS_PER_WORKER records at most), cached under `cache_dir` (default
+    `default_cache_dir()`).
     """
     num_proc = default_num_proc(len(items)) if num_proc is None else num_proc
     if num_proc < 0:
@@ -421,7 +424,8 @@ def tokenize(
     is_main, barrier = (dist.is_main, dist.barrier) if dist is not None else _torch_dist()
     how = "cached"
     if is_main and not (directory / "done.json").is_file():
-        workers = num_proc if _can_fork() else 1
+        # a worker per ROWS_PER_WORKER records at most: on a small split (a held-out set) start-up would dominate
+        workers = max(1, min(num_proc, len(items) // ROWS_PER_WORKER)) if _can_fork() else 1
         _run_map(items, fn, source, workers, directory)
         how = f"computed ({workers} process{'es' if workers > 1 else ''})"
     barrier()

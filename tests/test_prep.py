@@ -32,6 +32,12 @@ def sft_fn(tokenizer, args):
     return tok
 
 
+@pytest.fixture(autouse=True)
+def small_workers(monkeypatch):
+    """Tiny test data still reaches forked workers (the default starts one per 500 records)."""
+    monkeypatch.setattr(prep, "ROWS_PER_WORKER", 1)
+
+
 @pytest.fixture
 def counted(monkeypatch):
     """Counts the calls of data.tokenize_sft in this process (a hit makes none; a module is fingerprinted by its
