@@ -118,6 +118,11 @@ class Args:
     """hold out this split of --data (e.g. test_prefs; of --eval-data when given) instead of its last --eval-size rows"""
     prompt_truncation: Literal["left", "skip", "error"] = "error"
     """a prompt over --max-prompt-len: left keeps its last turns (then tokens), skip drops the row, error stops"""
+    num_proc: int | None = None
+    """processes that tokenise the data (`datasets` map; the tokens are cached on disk, so a rerun with the same data,
+    tokenizer and settings reads them back); default: 0 (a plain loop, no cache) under 1000 rows, else min(8, CPUs)"""
+    data_cache_dir: str | None = None
+    """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
     chat_template: str | None = None
@@ -480,15 +485,24 @@ if __name__ == "__main__":
         def tok(record, context):
             return data.tokenize_sft(tokenizer, record, args.max_seq_len, context)
 
-        train = data.tokenize_all(parsed.records[: args.max_rows or None], tok, parsed.source, args.skip_bad_rows)
-        evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
+        train = data.tokenize_all(
+            parsed.records[: args.max_rows or None],
+            tok,
+            parsed.source,
+            args.skip_bad_rows,
+            args.num_proc,
+            args.data_cache_dir,
+        )
+        evals = data.tokenize_all(
+            eval_parsed.records, tok, eval_source, args.skip_bad_rows, args.num_proc, args.data_cache_dir
+        )
         records, eval_records = train.records, evals.records
         skipped_rows = parsed.skipped + train.skipped
     else:
         rows = data.load_rows(data_path, args.split)
         parsed = data.parse_rows(rows, data.parse_sft, rows.source, args.skip_bad_rows)
         train = data.tokenize_rows(parsed.records[: args.max_rows or None], lambda r, c: on_policy_record(tokenizer, r, args, c),
-                                   parsed.source, args.skip_bad_rows, args.prompt_truncation)  # fmt: skip
+                                   parsed.source, args.skip_bad_rows, args.prompt_truncation, args.num_proc, args.data_cache_dir)  # fmt: skip
         records, eval_records = train.records, []
         eval_parsed = evals = None
         skipped_rows = parsed.skipped + train.skipped

@@ -120,6 +120,11 @@ class Args:
     """the split of --data to read (a dataset directory or hub name, e.g. train_prefs; a single file is 'train')"""
     prompt_truncation: Literal["left", "skip", "error"] = "error"
     """a prompt over --max-prompt-len: left keeps its last turns (then tokens), skip drops the row, error stops"""
+    num_proc: int | None = None
+    """processes that tokenise the data (`datasets` map; the tokens are cached on disk, so a rerun with the same data,
+    tokenizer and settings reads them back); default: 0 (a plain loop, no cache) under 1000 rows, else min(8, CPUs)"""
+    data_cache_dir: str | None = None
+    """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
     chat_template: str | None = None
@@ -446,6 +451,8 @@ if __name__ == "__main__":
         parsed.source,
         args.skip_bad_rows,
         args.prompt_truncation,
+        args.num_proc,
+        args.data_cache_dir,
     )
 
     # 4. optimiser, schedule, resume

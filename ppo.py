@@ -106,6 +106,11 @@ class Args:
     """the split of --data to read (a dataset directory or hub name, e.g. train_prefs; a single file is 'train')"""
     prompt_truncation: Literal["left", "skip", "error"] = "error"
     """a prompt over --max-prompt-len: left keeps its last turns (then tokens), skip drops the row, error stops"""
+    num_proc: int | None = None
+    """processes that tokenise the data (`datasets` map; the tokens are cached on disk, so a rerun with the same data,
+    tokenizer and settings reads them back); default: 0 (a plain loop, no cache) under 1000 rows, else min(8, CPUs)"""
+    data_cache_dir: str | None = None
+    """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
     chat_template: str | None = None
@@ -383,7 +388,7 @@ if __name__ == "__main__":
     rows = data.load_rows(data_path, args.split)
     parsed = data.parse_rows(rows, data.parse_prompt, rows.source, args.skip_bad_rows)
     prompts = data.tokenize_rows(parsed.records, lambda r, c: data.tokenize_prompt(tokenizer, r["prompt"], args.max_prompt_len, c,
-                                 args.prompt_truncation), parsed.source, args.skip_bad_rows, args.prompt_truncation)  # fmt: skip
+                                 args.prompt_truncation), parsed.source, args.skip_bad_rows, args.prompt_truncation, args.num_proc, args.data_cache_dir)  # fmt: skip
 
     # 3. optimisers, schedules, KL controller, resume
     policy_opt = make_optimizer(policy, args.learning_rate, args.weight_decay)

@@ -90,6 +90,11 @@ class Args:
     """hold out this split of --data (e.g. test_prefs; of --eval-data when given) instead of its last --eval-size rows"""
     prompt_truncation: Literal["left", "skip", "error"] = "error"
     """a prompt over --max-prompt-len: left keeps its last turns (then tokens), skip drops the row, error stops"""
+    num_proc: int | None = None
+    """processes that tokenise the data (`datasets` map; the tokens are cached on disk, so a rerun with the same data,
+    tokenizer and settings reads them back); default: 0 (a plain loop, no cache) under 1000 rows, else min(8, CPUs)"""
+    data_cache_dir: str | None = None
+    """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
     chat_template: str | None = None
@@ -348,8 +353,24 @@ if __name__ == "__main__":
     def tok(record, context):
         return tokenize_example(tokenizer, record, args, names, context, eos_ids)
 
-    train = data.tokenize_rows(parsed.records, tok, parsed.source, args.skip_bad_rows, args.prompt_truncation)
-    evals = data.tokenize_rows(eval_parsed.records, tok, eval_source, args.skip_bad_rows, args.prompt_truncation)
+    train = data.tokenize_rows(
+        parsed.records,
+        tok,
+        parsed.source,
+        args.skip_bad_rows,
+        args.prompt_truncation,
+        args.num_proc,
+        args.data_cache_dir,
+    )
+    evals = data.tokenize_rows(
+        eval_parsed.records,
+        tok,
+        eval_source,
+        args.skip_bad_rows,
+        args.prompt_truncation,
+        args.num_proc,
+        args.data_cache_dir,
+    )
 
     # 2. model: a sequence classifier with 1 (bt) or N (regression) outputs; bt from a model with several outputs
     # trains the one --reward-output names, cut out of its head

@@ -78,6 +78,11 @@ class Args:
     """the split of --data to read (a dataset directory or hub name, e.g. train_prefs; a single file is 'train')"""
     eval_split: str | None = None
     """hold out this split of --data (e.g. test_prefs; of --eval-data when given) instead of its last --eval-size rows"""
+    num_proc: int | None = None
+    """processes that tokenise the data (`datasets` map; the tokens are cached on disk, so a rerun with the same data,
+    tokenizer and settings reads them back); default: 0 (a plain loop, no cache) under 1000 rows, else min(8, CPUs)"""
+    data_cache_dir: str | None = None
+    """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
     chat_template: str | None = None
@@ -184,8 +189,12 @@ if __name__ == "__main__":
     def tok(record, context):
         return data.tokenize_sft(tokenizer, record, args.max_seq_len, context)
 
-    train = data.tokenize_all(parsed.records, tok, parsed.source, args.skip_bad_rows)
-    evals = data.tokenize_all(eval_parsed.records, tok, eval_source, args.skip_bad_rows)
+    train = data.tokenize_all(
+        parsed.records, tok, parsed.source, args.skip_bad_rows, args.num_proc, args.data_cache_dir
+    )
+    evals = data.tokenize_all(
+        eval_parsed.records, tok, eval_source, args.skip_bad_rows, args.num_proc, args.data_cache_dir
+    )
     skipped = parsed.skipped + train.skipped
     train_items = data.pack(train.records, args.max_seq_len) if args.packing else train.records
     eval_items = data.pack(evals.records, args.max_seq_len) if args.packing else evals.records

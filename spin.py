@@ -116,6 +116,11 @@ class Args:
     """hold out this split of --data (e.g. test_prefs; of --eval-data when given) instead of its last --eval-size rows"""
     prompt_truncation: Literal["left", "skip", "error"] = "error"
     """a prompt over --max-prompt-len: left keeps its last turns (then tokens), skip drops the row, error stops"""
+    num_proc: int | None = None
+    """processes that tokenise the data (`datasets` map; the tokens are cached on disk, so a rerun with the same data,
+    tokenizer and settings reads them back); default: 0 (a plain loop, no cache) under 1000 rows, else min(8, CPUs)"""
+    data_cache_dir: str | None = None
+    """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
     chat_template: str | None = None
@@ -437,8 +442,24 @@ if __name__ == "__main__":
             tokenizer, pair, args.max_seq_len, args.max_prompt_len, context, args.prompt_truncation
         )
 
-    train = data.tokenize_rows(parsed.records, tok, parsed.source, args.skip_bad_rows, args.prompt_truncation)
-    evals = data.tokenize_rows(eval_parsed.records, tok, eval_source, args.skip_bad_rows, args.prompt_truncation)
+    train = data.tokenize_rows(
+        parsed.records,
+        tok,
+        parsed.source,
+        args.skip_bad_rows,
+        args.prompt_truncation,
+        args.num_proc,
+        args.data_cache_dir,
+    )
+    evals = data.tokenize_rows(
+        eval_parsed.records,
+        tok,
+        eval_source,
+        args.skip_bad_rows,
+        args.prompt_truncation,
+        args.num_proc,
+        args.data_cache_dir,
+    )
 
     # 3. batch sizes, optimiser, resume (the schedule is made per iteration, its length depends on the pairs)
     global_batch_size = args.local_micro_batch_size * args.gradient_accumulation_steps * dist.world_size

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -715,30 +716,70 @@ def tokenize_pair(
     }
 
 
-def tokenize_all(items: list[dict], fn: Callable, source: str, skip_bad_rows: bool) -> Parsed:
-    """Tokenize parsed records with `fn(record, context)`, with the same stop-or-skip policy as parsing."""
+def _result(fn: Callable, item: dict, context: str):
+    """fn's output, or the DataError it raised."""
+    try:
+        return fn(item, context)
+    except DataError as e:
+        return e
+
+
+def tokenize_all(
+    items: list[dict],
+    fn: Callable,
+    source: str,
+    skip_bad_rows: bool,
+    num_proc: int | None = None,
+    cache_dir: str | None = None,
+    dist=None,
+) -> Parsed:
+    """Tokenize parsed records with `fn(record, context)`, with the same stop-or-skip policy as parsing.
+
+    num_proc (`--num-proc`): 0 = this plain loop, in this process, every run; n >= 1 = `datasets` map with n
+    worker processes, cached under `cache_dir` (`--data-cache-dir`, default next to datasets' cache) by a
+    fingerprint of the records, the tokenizer, `fn` and what it reads, so a second run reads the tokens back
+    (common/prep.py); None = 0 for fewer than 1000 records, else min(8, CPUs). Under torchrun the main rank
+    tokenises and the others read its cache. Errors and skips are the plain loop's, in row order.
+    """
+    from common import prep
+
+    num_proc = prep.default_num_proc(len(items)) if num_proc is None else num_proc
+    if num_proc == 0:  # lazily, so that a bad row stops the loop where it is
+        results = (_result(fn, item, f"{source}: row {item.get('row', i)}") for i, item in enumerate(items, 1))
+    else:
+        is_main = dist.is_main if dist is not None else prep._torch_dist()[0]
+        started = time.perf_counter()
+        results, how = prep.tokenize(items, fn, source, skip_bad_rows, num_proc, cache_dir, dist)
+        if is_main:
+            print(f"data: {source}: {len(items)} records tokenised, {how}, {time.perf_counter() - started:.1f} s")
     out = Parsed([])
-    for i, item in enumerate(items, 1):
-        try:
-            out.records.append(fn(item, f"{source}: row {item.get('row', i)}"))
-        except DataError as e:
-            if not skip_bad_rows:
-                raise
+    for result in results:
+        if not isinstance(result, DataError):
+            out.records.append(result)
+        elif not skip_bad_rows:
+            raise result
+        else:
             out.skipped += 1
-            out.errors.append(str(e))
+            out.errors.append(str(result))
     if not out.records:
         raise DataError(f"{source}: no usable examples after tokenization ({out.skipped} skipped)")
     return out
 
 
 def tokenize_rows(
-    items: list[dict], fn: Callable, source: str, skip_bad_rows: bool, truncation: str = "error"
+    items: list[dict],
+    fn: Callable,
+    source: str,
+    skip_bad_rows: bool,
+    truncation: str = "error",
+    num_proc: int | None = None,
+    cache_dir: str | None = None,
 ) -> Parsed:
     """`tokenize_all` under --prompt-truncation: with "skip" a prompt over --max-prompt-len drops its row (counted
     with the skipped rows) even without --skip-bad-rows; any other bad row still stops the run unless skipping."""
     if truncation != "skip" or skip_bad_rows:
-        return tokenize_all(items, fn, source, skip_bad_rows)
-    out = tokenize_all(items, fn, source, True)
+        return tokenize_all(items, fn, source, skip_bad_rows, num_proc, cache_dir)
+    out = tokenize_all(items, fn, source, True, num_proc, cache_dir)
     other = [err for err in out.errors if TOO_LONG not in err]
     if other:
         raise DataError(other[0])
