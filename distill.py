@@ -51,7 +51,7 @@ import torch
 import tyro
 
 from common import checkpoint, data, lora
-from common.dist import autocast, cleanup, init_distributed, seed_everything, wrap_model
+from common.dist import MixedPrecision, autocast, cleanup, init_distributed, seed_everything, wrap_model
 from common.generation import (
     clock,
     demo_eval,
@@ -115,6 +115,8 @@ class Args:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
+    mixed_precision: MixedPrecision = "auto"
+    """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` or a Jinja file; overrides both models' own template (base models have none)"""
 
@@ -438,7 +440,7 @@ def evaluate_kd_loss(model, cache, examples: list[dict], first: int, args: Args,
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    dist = init_distributed()
+    dist = init_distributed(args.mixed_precision)
     seed_everything(args.seed)
     stop = StopSignal()
     offline = args.mode == "offline"
@@ -495,7 +497,7 @@ if __name__ == "__main__":
     teacher, cache, cache_note = None, None, ""
     if offline:
         cache_path = Path(args.cache_dir or Path(args.output_dir) / "teacher_topk")
-        precision = "bfloat16" if dist.device.type == "cuda" else "float32"
+        precision = "bfloat16" if dist.bf16 else "float32"
         fingerprint = dist.broadcast_object(weights_fingerprint(args.teacher_path) if dist.is_main else None)
         key = cache_key(fingerprint, records + eval_records, args, precision)
         cache = open_cache(cache_path, key)

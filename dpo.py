@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import tyro
 
 from common import checkpoint, data, lora
-from common.dist import autocast, cleanup, init_distributed, seed_everything, wrap_model
+from common.dist import MixedPrecision, autocast, cleanup, init_distributed, seed_everything, wrap_model
 from common.generation import demo_eval
 from common.lora import LoraArgs
 from common.models import load_causal_lm, load_tokenizer, weights_fingerprint
@@ -94,6 +94,8 @@ class Args:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
+    mixed_precision: MixedPrecision = "auto"
+    """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
@@ -462,7 +464,7 @@ def evaluate(model, items: list[dict], ref_logps: torch.Tensor, args: Args, dist
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    dist = init_distributed()
+    dist = init_distributed(args.mixed_precision)
     seed_everything(args.seed)
     stop = StopSignal()
     kto = args.loss_type == "kto"
@@ -535,7 +537,7 @@ if __name__ == "__main__":
         fields += ("mismatched_ids",) if mismatched else ()
         tokens = [[e[f] for f in fields] for e in train.records + evals.records]
         weights = dist.broadcast_object(weights_fingerprint(ref_path) if dist.is_main else None)
-        precision = "bfloat16" if dist.device.type == "cuda" else "float32"
+        precision = "bfloat16" if dist.bf16 else "float32"
         settings = {"weights": weights, "average": args.average_logprobs, "precision": precision,
                     "attn_implementation": args.attn_implementation}  # fmt: skip
         key = hashlib.sha256(json.dumps([settings, tokens]).encode()).hexdigest()

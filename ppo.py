@@ -37,6 +37,7 @@ from transformers import AutoConfig
 
 from common import checkpoint, data, lora, rewards
 from common.dist import (
+    MixedPrecision,
     autocast,
     cleanup,
     exact_div,
@@ -104,6 +105,8 @@ class Args:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
+    mixed_precision: MixedPrecision = "auto"
+    """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
@@ -323,7 +326,7 @@ def evaluate(policy, tokenizer, dist, args: Args, per_prompt: bool = False) -> d
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    dist = init_distributed()
+    dist = init_distributed(args.mixed_precision)
     seed_everything(args.seed)
     stop = StopSignal()
     generator = sampling_generator(args.seed, dist)

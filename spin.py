@@ -58,7 +58,16 @@ import torch.nn.functional as F
 import tyro
 
 from common import checkpoint, data, lora
-from common.dist import autocast, cleanup, init_distributed, reshard, sampling_generator, seed_everything, wrap_model
+from common.dist import (
+    MixedPrecision,
+    autocast,
+    cleanup,
+    init_distributed,
+    reshard,
+    sampling_generator,
+    seed_everything,
+    wrap_model,
+)
 from common.generation import demo_eval, generate, paired_difference
 from common.lora import LoraArgs
 from common.models import end_of_turn_ids, load_causal_lm, load_tokenizer
@@ -112,6 +121,8 @@ class Args:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
+    mixed_precision: MixedPrecision = "auto"
+    """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
@@ -389,7 +400,7 @@ def evaluate(model, items: list[dict], ref_logps: torch.Tensor, args: Args, dist
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    dist = init_distributed()
+    dist = init_distributed(args.mixed_precision)
     seed_everything(args.seed)
     stop = StopSignal()
     generator = sampling_generator(args.seed, dist)  # per rank: ranks answer different prompts with different draws

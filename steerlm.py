@@ -68,7 +68,16 @@ import torch
 import tyro
 
 from common import checkpoint, data, demo_task, lora, rewards
-from common.dist import autocast, cleanup, exact_div, init_distributed, sampling_generator, seed_everything, wrap_model
+from common.dist import (
+    MixedPrecision,
+    autocast,
+    cleanup,
+    exact_div,
+    init_distributed,
+    sampling_generator,
+    seed_everything,
+    wrap_model,
+)
 from common.generation import clock, demo_eval, generate, response_logprobs, sample_key, truncate_after_eos
 from common.lora import LoraArgs
 from common.models import (
@@ -154,6 +163,8 @@ class TrainArgs:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
+    mixed_precision: MixedPrecision = "auto"
+    """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
@@ -284,6 +295,8 @@ class Steer2Args(LabelOptions):
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
+    mixed_precision: MixedPrecision = "auto"
+    """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
 
     # --- optimiser ---
     learning_rate: float = 5e-5
@@ -1360,7 +1373,7 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
 
 if __name__ == "__main__":
     args = tyro.cli(Command, default=AllArgs(), description=__doc__.split("\n\n")[0])
-    dist = init_distributed()
+    dist = init_distributed(getattr(args, "mixed_precision", "auto"))  # label and generate: auto
     if isinstance(args, LabelArgs):
         label_stage(args, dist, args.output_file)
     elif isinstance(args, GenerateArgs):
