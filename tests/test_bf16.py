@@ -70,16 +70,32 @@ ONE_STEP = ["--total-steps", "1", "--log-every", "1", "--eval-every", "0", "--sa
             "--eval-size", "8", "--local-micro-batch-size", "16", "--warmup-steps", "0"]  # fmt: skip
 
 
-def test_sft_first_step_loss(demo_base, files, tmp_path):
-    """sft.py, one step, bf16 vs off: the first loss and its gradient norm within RTOL."""
+@pytest.fixture(scope="module")
+def sft_runs(demo_base, files, tmp_path_factory) -> dict:
+    """sft.py, one step, one process, with --mixed-precision bf16 and off: the first logged metrics of each."""
     runs = {}
     for precision in ("bf16", "off"):
-        out = tmp_path / precision
+        out = tmp_path_factory.mktemp(f"sft_{precision}")
         run_script("sft.py", "--model-path", str(demo_base), "--data", files["sft"], "--output-dir", str(out),
                    "--mixed-precision", precision, *ONE_STEP)  # fmt: skip
         runs[precision] = first_logged(out)
+    return runs
+
+
+def test_sft_first_step_loss(sft_runs):
+    """The first loss and its gradient norm within RTOL of fp32, and not equal to them."""
     for key in ("train/loss", "train/grad_norm"):
-        assert_bf16_close(runs["bf16"][key], runs["off"][key], f"sft {key}")
+        assert_bf16_close(sft_runs["bf16"][key], sft_runs["off"][key], f"sft {key}")
+
+
+def test_sft_torchrun_two_processes_bf16(demo_base, files, sft_runs, tmp_path):
+    """2 processes (gloo): FSDP2's MixedPrecisionPolicy (bf16 parameters and activations in forward and backward,
+    fp32 gradient reduction) instead of autocast; the same global batch of 16 in 2 x 8."""
+    run_script("sft.py", "--model-path", str(demo_base), "--data", files["sft"], "--output-dir", str(tmp_path),
+               "--mixed-precision", "bf16", *ONE_STEP, "--local-micro-batch-size", "8", nproc=2)  # fmt: skip
+    got = first_logged(tmp_path)
+    for key in ("train/loss", "train/grad_norm"):
+        assert_bf16_close(got[key], sft_runs["off"][key], f"sft, 2 processes, {key}")
 
 
 def test_dpo_first_step_logps(demo_base, files, tmp_path):
