@@ -5,11 +5,13 @@ u = 2**-8 of itself. Autocast rounds the inputs of every matmul (weights and act
 in fp32; log-probs and losses are then taken in fp32 (`kernels.selective_logprob`, the scripts' `.float()`). A
 first-step loss is a mean over many tokens, whose independent rounding errors mostly cancel; what remains is at
 most a few roundings of the result: the value loss squares rounded values (2u), plus one rounding of the logits and
-one of slack. So RTOL = 4u = 2**-6 (1.6%) relative. Two ways a broken path shows: bf16 not applied gives results
-*equal* to fp32 (the difference must exceed 2**-20 relative; identical fp32 computations differ by 0 here), and a
-loss computed in bf16 or mixed-up precisions lands beyond RTOL.
-Measured (this file, demo model): relative differences 3e-5 (SFT loss), 5e-4 (SFT grad norm), 5e-5 (DPO loss and
-log-probs), 3.5e-3 (PPO value loss).
+one of slack. So RTOL = 4u = 2**-6 (1.6%)
+relative. bf16 not applied (autocast off, or FSDP2 without its MixedPrecisionPolicy) gives results *equal* to fp32,
+or within fp32 reduction-order noise for 2 processes (5e-8 measured): the difference must exceed MIN_REL = 2**-20.
+Both failures were checked by disabling each path. An extra rounding of a result (e.g. a loss summed in bf16) stays
+within RTOL by design; a precision bug that costs more than a few roundings does not.
+Measured (this file, demo model, relative differences): SFT loss 3.2e-5 and grad norm 5.4e-4; SFT on 2 processes
+(FSDP2 policy) 1.6e-5 and 3.6e-5; DPO loss and log-probs 5e-5; PPO value loss 2.6e-3.
 """
 
 from __future__ import annotations
