@@ -3,7 +3,7 @@
 # Not run in CI (it needs GPUs and downloads). Paths and names are arguments; defaults are examples.
 #
 #   bash examples/real_model.sh [MODEL] [SFT_DATA] [PREFERENCE_DATA] [PROMPTS] [OUT]
-#   bash examples/real_model.sh --dry-run [OUT]      # CPU, no downloads, ~1-2 minutes (run by `make test`)
+#   bash examples/real_model.sh --dry-run [OUT]      # CPU, no downloads, ~2-4 minutes on 2 cores
 #
 # MODEL            a causal LM directory or hub id (e.g. Qwen/Qwen2.5-1.5B-Instruct); a base model without a chat
 #                  template needs `--chat-template chatml|llama3|plain|FILE` on the SFT line (later stages read
@@ -14,22 +14,21 @@
 #
 # --dry-run runs the same stages with the same flags, on one process instead of torchrun x 8, on a local
 # random-initialised model of Qwen2.5-0.5B's shape (hidden 896, vocabulary 151,936, tied embeddings, its pad == EOS
-# tokenizer and ChatML template; DRY_RUN_SHAPE=llama: Llama-3.2-1B's, no pad, no template, two EOS ids) and tiny
-# datasets (examples/make_dry_run_inputs.py writes both into OUT/inputs); each stage's flags are followed by
-# overrides (the last value of a flag wins) that shrink it to 2 steps of 2 short rows on the CPU, without wandb.
+# tokenizer and ChatML template with a default system prompt) and tiny datasets (SFT messages with a system turn,
+# Anthropic-HH text pairs, prompts), all written into OUT/inputs by examples/make_dry_run_inputs.py; each stage's
+# flags are followed by overrides (the last value of a flag wins) that shrink it to 2 steps of 2 short rows on the
+# CPU, without wandb. tests/test_real_shapes.py runs it and checks every stage's output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SFT_DRY=() RM_DRY=() PPO_DRY=() DPO_DRY=()
 if [[ "${1:-}" == "--dry-run" ]]; then
   OUT=${2:-out/real_dry_run}
   PY=${PYTHON:-python}
-  SHAPE=${DRY_RUN_SHAPE:-qwen}
-  $PY examples/make_dry_run_inputs.py "$OUT/inputs" --shape "$SHAPE"
+  $PY examples/make_dry_run_inputs.py "$OUT/inputs" --shape qwen
   MODEL=$OUT/inputs/model SFT_DATA=$OUT/inputs/sft.jsonl PREF_DATA=$OUT/inputs/preferences.jsonl
   PROMPTS=$OUT/inputs/prompts.jsonl RUN=$PY
   SIZE=(--gradient-accumulation-steps 1 --warmup-steps 0 --no-track --log-every 1)
   SFT_DRY=("${SIZE[@]}" --max-seq-len 128 --local-micro-batch-size 2 --total-steps 2 --eval-size 4 --save-every 0)
-  [[ "$SHAPE" == llama ]] && SFT_DRY+=(--chat-template llama3)  # a base Llama-3 has no template
   RM_DRY=("${SIZE[@]}" --max-seq-len 128 --max-prompt-len 64 --local-micro-batch-size 2 --total-steps 2 --eval-size 4)
   PPO_DRY=("${SIZE[@]}" --max-prompt-len 64 --response-length 8 --local-rollout-batch-size 4 --total-episodes 8)
   DPO_DRY=("${SIZE[@]}" --max-seq-len 128 --max-prompt-len 64 --local-micro-batch-size 2 --total-steps 2 --eval-size 4)
