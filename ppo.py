@@ -37,7 +37,6 @@ from transformers import AutoConfig
 
 from common import checkpoint, data, lora, rewards
 from common.dist import (
-    MixedPrecision,
     autocast,
     cleanup,
     exact_div,
@@ -105,7 +104,7 @@ class Args:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
-    mixed_precision: MixedPrecision = "auto"
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
     """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the

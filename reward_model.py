@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import tyro
 
 from common import checkpoint, data, lora, rewards
-from common.dist import MixedPrecision, autocast, cleanup, init_distributed, seed_everything, wrap_model
+from common.dist import autocast, cleanup, init_distributed, seed_everything, wrap_model
 from common.lora import LoraArgs
 from common.models import end_of_turn_ids, load_sequence_classifier, load_tokenizer
 from common.tracking import make_tracker
@@ -86,7 +86,7 @@ class Args:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
-    mixed_precision: MixedPrecision = "auto"
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
     """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the

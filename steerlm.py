@@ -68,16 +68,7 @@ import torch
 import tyro
 
 from common import checkpoint, data, demo_task, lora, rewards
-from common.dist import (
-    MixedPrecision,
-    autocast,
-    cleanup,
-    exact_div,
-    init_distributed,
-    sampling_generator,
-    seed_everything,
-    wrap_model,
-)
+from common.dist import autocast, cleanup, exact_div, init_distributed, sampling_generator, seed_everything, wrap_model
 from common.generation import clock, demo_eval, generate, response_logprobs, sample_key, truncate_after_eos
 from common.lora import LoraArgs
 from common.models import (
@@ -163,7 +154,7 @@ class TrainArgs:
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
-    mixed_precision: MixedPrecision = "auto"
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
     """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
@@ -295,7 +286,7 @@ class Steer2Args(LabelOptions):
     """skip (and count) malformed rows instead of stopping at the first one"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
-    mixed_precision: MixedPrecision = "auto"
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
     """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
 
     # --- optimiser ---
