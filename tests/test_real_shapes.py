@@ -9,7 +9,8 @@ vocabulary much larger than the tokenizer (ids past the tokenizer's last token, 
 151,665 tokens), and the templates. One chain per shape keeps the cost down: the Qwen chain is
 `examples/real_model.sh --dry-run` (sft -> reward_model -> ppo, dpo), whose SFT output then feeds grpo,
 rejection_sampling (scored by the dry run's reward model), spin, steerlm train and distill (teacher); the Llama
-chain is sft -> dpo, grpo.
+chain is sft -> grpo (DPO at this shape left out for the time budget: it is the Qwen chain's, and the Llama-specific
+parts, pad, template and EOS ids, are exercised by sft and grpo).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def test_qwen_shape(qwen_files, tmp_path, script):
     assert_real_shape(tmp_path, 151_936, 896)
 
 
-# --- Llama-3.2-1B shape: sft (no pad, no template: --chat-template llama3) -> dpo, grpo -----------------------------
+# --- Llama-3.2-1B shape: sft (no pad, no template: --chat-template llama3) -> grpo ----------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -160,15 +161,6 @@ def test_llama_shape_sft(llama):
     assert len(logged(root / "sft", "train/loss")) == 2
     assert_real_shape(root / "sft", 128_256, 2048)
     assert AutoTokenizer.from_pretrained(root / "sft").pad_token == "<|reserved_special_token_0|>"
-
-
-def test_llama_shape_dpo(llama, tmp_path):
-    root, files, _ = llama
-    run_script("dpo.py", "--model-path", str(root / "sft"), "--data", files["preferences"], "--output-dir",
-               str(tmp_path), "--max-seq-len", "96", "--max-prompt-len", "48", "--local-micro-batch-size", "2",
-               "--eval-size", "4", "--demo-eval-prompts", "0", *STEPS)  # fmt: skip
-    assert len(logged(tmp_path, "train/loss")) == 2 and logged(tmp_path, "logps/chosen")
-    assert_real_shape(tmp_path, 128_256, 2048)
 
 
 def test_llama_shape_grpo(llama, tmp_path):
