@@ -125,6 +125,8 @@ class Args:
     """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
+    """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` or a Jinja file; overrides both models' own template (base models have none)"""
 
@@ -444,7 +446,7 @@ def evaluate_kd_loss(model, cache, examples: list[dict], first: int, args: Args,
 if __name__ == "__main__":
     args = tyro.cli(Args)
     data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
-    dist = init_distributed()
+    dist = init_distributed(args.mixed_precision)
     seed_everything(args.seed)
     stop = StopSignal()
     offline = args.mode == "offline"
@@ -512,7 +514,7 @@ if __name__ == "__main__":
     teacher, cache, cache_note = None, None, ""
     if offline:
         cache_path = Path(args.cache_dir or Path(args.output_dir) / "teacher_topk")
-        precision = "bfloat16" if dist.device.type == "cuda" else "float32"
+        precision = "bfloat16" if dist.bf16 else "float32"
         fingerprint = dist.broadcast_object(weights_fingerprint(args.teacher_path) if dist.is_main else None)
         key = cache_key(fingerprint, records + eval_records, args, precision)
         cache = open_cache(cache_path, key)

@@ -105,6 +105,8 @@ class Args:
     """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
+    """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
@@ -474,7 +476,7 @@ def evaluate(model, items: list[dict], ref_logps: torch.Tensor, args: Args, dist
 if __name__ == "__main__":
     args = tyro.cli(Args)
     data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
-    dist = init_distributed()
+    dist = init_distributed(args.mixed_precision)
     seed_everything(args.seed)
     stop = StopSignal()
     kto = args.loss_type == "kto"
@@ -568,7 +570,7 @@ if __name__ == "__main__":
         fields += ("mismatched_ids",) if mismatched else ()
         tokens = [[e[f] for f in fields] for e in train.records + evals.records]
         weights = dist.broadcast_object(weights_fingerprint(ref_path) if dist.is_main else None)
-        precision = "bfloat16" if dist.device.type == "cuda" else "float32"
+        precision = "bfloat16" if dist.bf16 else "float32"
         settings = {"weights": weights, "average": args.average_logprobs, "precision": precision,
                     "attn_implementation": args.attn_implementation}  # fmt: skip
         key = hashlib.sha256(json.dumps([settings, tokens]).encode()).hexdigest()

@@ -113,6 +113,8 @@ class Args:
     """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
+    """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
@@ -333,7 +335,7 @@ def evaluate(policy, tokenizer, dist, args: Args, per_prompt: bool = False) -> d
 if __name__ == "__main__":
     args = tyro.cli(Args)
     data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
-    dist = init_distributed()
+    dist = init_distributed(args.mixed_precision)
     seed_everything(args.seed)
     stop = StopSignal()
     generator = sampling_generator(args.seed, dist)

@@ -97,6 +97,8 @@ class Args:
     """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
+    """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
@@ -329,7 +331,7 @@ if __name__ == "__main__":
     data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
     if args.objective != "bt" and (args.loss != "regular_bt" or args.reward_output is not None):
         raise ValueError("--loss and --reward-output are for --objective bt (preference pairs)")
-    dist = init_distributed()
+    dist = init_distributed(args.mixed_precision)
     seed_everything(args.seed)
     stop = StopSignal()
     tokenizer = load_tokenizer(args.model_path, chat_template=args.chat_template)

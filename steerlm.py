@@ -165,6 +165,8 @@ class TrainArgs:
     """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF model"""
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
+    """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
     chat_template: str | None = None
     """`chatml`, `llama3`, `plain` (User: / Assistant: turns, EOS after each reply) or a Jinja file; overrides the
     model's own template (base models have none)"""
@@ -304,6 +306,8 @@ class Steer2Args(LabelOptions):
     """where tokenised data is cached (default: <HF_DATASETS_CACHE>/plainalign_tokens); safe to delete"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """attention kernel of the HF models"""
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
+    """bf16 compute, fp32 master weights: `auto` = bf16 on CUDA, fp32 on CPU; `bf16` also on CPU; `off` = fp32"""
 
     # --- optimiser ---
     learning_rate: float = 5e-5
@@ -1398,7 +1402,7 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
 if __name__ == "__main__":
     args = tyro.cli(Command, default=AllArgs(), description=__doc__.split("\n\n")[0])
     data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
-    dist = init_distributed()
+    dist = init_distributed(getattr(args, "mixed_precision", "auto"))  # label and generate: auto
     if isinstance(args, LabelArgs):
         label_stage(args, dist, args.output_file)
     elif isinstance(args, GenerateArgs):

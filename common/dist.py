@@ -11,10 +11,14 @@ import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+
+MixedPrecision = Literal["auto", "bf16", "off"]
+"""`--mixed-precision`: bf16 compute with fp32 master weights; `auto` = bf16 on CUDA, off on CPU"""
 
 
 @dataclass
@@ -23,6 +27,12 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    mixed_precision: bool | None = None
+    """bf16 compute (autocast on one process, FSDP2's MixedPrecisionPolicy on several); None = on CUDA only"""
+
+    @property
+    def bf16(self) -> bool:
+        return self.device.type == "cuda" if self.mixed_precision is None else self.mixed_precision
 
     @property
     def is_main(self) -> bool:
@@ -76,7 +86,10 @@ def exact_div(a: int, b: int, what: str = "value") -> int:
     return a // b
 
 
-def init_distributed() -> Dist:
+def init_distributed(mixed_precision: MixedPrecision = "auto") -> Dist:
+    """The process's rank and device from torchrun's environment (one process without it), and its precision."""
+    if mixed_precision not in ("auto", "bf16", "off"):
+        raise ValueError(f"--mixed-precision {mixed_precision!r}: use auto, bf16 or off")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -90,7 +103,8 @@ def init_distributed() -> Dist:
             backend="nccl" if device.type == "cuda" else "gloo",
             device_id=device if device.type == "cuda" else None,
         )
-    return Dist(rank, world_size, local_rank, device)
+    bf16 = device.type == "cuda" if mixed_precision == "auto" else mixed_precision == "bf16"
+    return Dist(rank, world_size, local_rank, device, bf16)
 
 
 def cleanup(dist: Dist) -> None:
@@ -135,8 +149,8 @@ def wrap_model(
 ) -> torch.nn.Module:
     """FSDP2 on several processes (one `fully_shard` per decoder block, then the root); plain model on one.
 
-    `mixed_precision` (default: on CUDA) computes in bf16 with fp32 master weights and fp32 gradient
-    reduction. Frozen models (reference, reward) get `trainable=False`: sharded the same way, eval mode,
+    `mixed_precision` (default: `dist.bf16`, i.e. `--mixed-precision`, bf16 on CUDA under `auto`) computes in bf16
+    with fp32 master weights and fp32 gradient reduction. Frozen models (reference, reward) get `trainable=False`: sharded the same way, eval mode,
     no gradients.
     """
     if activation_checkpointing and trainable:
@@ -151,7 +165,7 @@ def wrap_model(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if mixed_precision is None:
-        mixed_precision = dist.device.type == "cuda"
+        mixed_precision = dist.bf16
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
     kwargs = {"mesh": mesh} | ({"mp_policy": mp} if mp is not None else {})
@@ -162,8 +176,11 @@ def wrap_model(
 
 
 def autocast(dist: Dist):
-    """bf16 autocast for single-process CUDA runs (FSDP's mixed precision covers multi-process ones)."""
-    enabled = dist.device.type == "cuda" and not dist.enabled
+    """bf16 autocast for single-process runs with `dist.bf16` (FSDP's mixed precision covers multi-process ones).
+
+    On CPU too when asked (`--mixed-precision bf16`): CPU autocast runs matmuls in bf16 with fp32 accumulation, as
+    CUDA does, so tests check the bf16 path on machines without a GPU."""
+    enabled = dist.bf16 and not dist.enabled
     return torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 

@@ -1,14 +1,16 @@
 """Tokenizers as real models ship them, built here without downloads: Qwen2.5-like (ChatML template, pad == EOS, or no
 pad and no spare token) and Llama-3-like (no pad, no template in the base model, two EOS ids in
 generation_config.json). Byte-level BPEs trained on demo-task text with the real pre-tokenizer regexes, saved with a
-random tiny Llama. Covered: the pad `load_tokenizer` picks, the embeddings that grow with it, EOS still trained and
-attended, `--chat-template`, several EOS ids in generation, and short sft.py -> grpo.py runs on each."""
+random tiny Llama (builders shared with tests/test_real_shapes.py, in examples/make_dry_run_inputs.py). Covered: the
+pad `load_tokenizer` picks, the embeddings that grow with it, EOS still trained and attended, `--chat-template`,
+several EOS ids in generation, and short sft.py -> grpo.py runs on each."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+import sys
 
 import pytest
 import torch
@@ -16,57 +18,27 @@ import torch
 from common import data, demo_task, models, rewards
 from common.dist import init_distributed
 from common.generation import generate, is_eos, sequence_inputs, truncate_after_eos
-from conftest import run_script
+from conftest import ROOT, run_script
+
+sys.path.insert(0, str(ROOT / "examples"))
+import make_dry_run_inputs as inputs  # noqa: E402
+from make_dry_run_inputs import (  # noqa: E402
+    LLAMA3_SPLIT,
+    LLAMA_SPECIALS,
+    QWEN2_SPLIT,
+    QWEN_BARE_SPECIALS,
+    QWEN_SPECIALS,
+    QWEN_TEMPLATE,
+)
 
 CPU = torch.device("cpu")
-# The pre-tokenizer regexes of Qwen2 and Llama-3 (tokenizer.json): unlike GPT-2's, a run of newlines is one piece
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-# Qwen2-Instruct's template: ChatML with a default system message
-QWEN_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{% endif %}{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-# Special tokens in the order the real vocabularies have them (Qwen: <|vision_pad|> before <|fim_pad|>)
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>", "<|fim_pad|>"]
-QWEN_BARE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-                  "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_2|>", "<|eot_id|>"]  # fmt: skip
 NO_TEMPLATE = "the tokenizer has no chat template; pass --chat-template chatml|llama3|plain|FILE"
 
 
 def build(path, *, split, specials, eos, bos=None, pad=None, template=None, generation_eos=None, tie=True):
-    """A byte-level BPE (400 merges' worth of vocabulary) with these special tokens, and a random 2-layer Llama."""
-    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
-    from tokenizers import models as tokenizer_models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(tokenizer_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )  # fmt: skip
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    texts = demo_task.all_texts(0, n=300) + ["You are a helpful assistant.", "system user assistant User: Assistant:"]
-    tok.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad)
-    tokenizer.chat_template = template
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         tie_word_embeddings=tie, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    if generation_eos is not None:
-        model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in generation_eos]
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    """A byte-level BPE (400 tokens) with these special tokens, and a random 2-layer Llama of its vocabulary size."""
+    tokenizer = inputs.build_tokenizer(split=split, specials=specials, eos=eos, bos=bos, pad=pad, template=template)
+    return inputs.save_model(path, tokenizer, tie_word_embeddings=tie, generation_eos=generation_eos)
 
 
 @pytest.fixture(scope="module")
