@@ -8,15 +8,18 @@ log-prob path reads, `logits_to_keep`), tied embeddings staying tied through tra
 vocabulary much larger than the tokenizer (ids past the tokenizer's last token, as with Qwen's 151,936 rows for
 151,665 tokens), and the templates. One chain per shape keeps the cost down: the Qwen chain is
 `examples/real_model.sh --dry-run` (sft -> reward_model -> ppo, dpo), whose SFT output then feeds grpo,
-rejection_sampling (scored by the dry run's reward model), spin, steerlm train and distill (teacher); the Llama
-chain is sft -> grpo (DPO at this shape left out for the time budget: it is the Qwen chain's, and the Llama-specific
-parts, pad, template and EOS ids, are exercised by sft and grpo).
+rejection_sampling (scored by the dry run's reward model) and distill (teacher); the Llama shape runs sft (no pad, no
+template, two EOS ids). Left out for make test's time budget (each ran and passed when this file was written, ~20-35 s
+apiece): spin and steerlm train at the Qwen shape (their parts are covered here: generation by grpo and
+rejection_sampling, the DPO loss by dpo, attribute-string SFT by sft) and grpo / dpo at the Llama shape. Each test
+deletes what it wrote (a 1-layer model at these widths is ~0.6 GB a copy, ~2.5 GB a run with its trainer state).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +73,8 @@ def qwen(tmp_path_factory):
     proc = subprocess.run(["bash", "examples/real_model.sh", "--dry-run", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return out, proc.stdout
+    yield out, proc.stdout
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def test_real_model_dry_run(qwen):
@@ -112,13 +116,6 @@ QWEN_RUNS = {
     "rejection_sampling": lambda f: ["rejection_sampling.py", "--model-path", f["sft_model"], "--data", f["prompts"],
                                      "--reward-model-path", f["rm"], "--num-rollouts", "2", "--top-n", "1",
                                      "--keep-truncated", *ONLINE],
-    "spin": lambda f: ["spin.py", "--model-path", f["sft_model"], "--data", f["sft"], "--iterations", "1",
-                       "--num-prompts", "4", "--eval-size", "4", "--max-new-tokens", "4", "--local-micro-batch-size",
-                       "2", "--steps-per-iteration", "2", "--log-every", "1", "--warmup-steps", "0",
-                       "--demo-eval-prompts", "0"],
-    "steerlm": lambda f: ["steerlm.py", "train", "--model-path", f["sft_model"], "--data", f["attributes"],
-                          "--eval-size", "4", "--local-micro-batch-size", "2", "--demo-eval-prompts", "0",
-                          "--steer-prompts", "0", *STEPS],
     "distill": lambda f: ["distill.py", "--model-path", f["base"], "--teacher-path", f["sft_model"], "--data", f["sft"],
                           "--chat-template", "chatml", "--eval-size", "4", "--local-micro-batch-size", "2",
                           "--response-length", "6", "--top-k", "8", "--demo-eval-prompts", "0", *STEPS],
@@ -135,9 +132,10 @@ def test_qwen_shape(qwen_files, tmp_path, script):
     run_script(script_file, *flags, "--output-dir", str(tmp_path))
     assert logged(tmp_path, QWEN_LOSS[script])
     assert_real_shape(tmp_path, 151_936, 896)
+    shutil.rmtree(tmp_path)
 
 
-# --- Llama-3.2-1B shape: sft (no pad, no template: --chat-template llama3) -> grpo ----------------------------------
+# --- Llama-3.2-1B shape: sft (no pad, no template: --chat-template llama3) ----------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +147,8 @@ def llama(tmp_path_factory):
     proc = run_script("sft.py", "--model-path", model, "--data", files["sft"], "--output-dir", str(sft),
                       "--chat-template", "llama3", "--max-seq-len", "96", "--local-micro-batch-size", "2",
                       "--eval-size", "4", "--demo-eval-prompts", "0", *STEPS)  # fmt: skip
-    return root, files, proc.stdout
+    yield root, files, proc.stdout
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_llama_shape_sft(llama):
@@ -161,16 +160,3 @@ def test_llama_shape_sft(llama):
     assert len(logged(root / "sft", "train/loss")) == 2
     assert_real_shape(root / "sft", 128_256, 2048)
     assert AutoTokenizer.from_pretrained(root / "sft").pad_token == "<|reserved_special_token_0|>"
-
-
-def test_llama_shape_grpo(llama, tmp_path):
-    """Generation stops at either EOS id (generation_config lists <|eot_id|> and <|end_of_text|>)."""
-    root, files, _ = llama
-    (tmp_path / "rw.py").write_text(
-        "def length(prompts, completions, **kw):\n    return [len(c) / 10 for c in completions]\n"
-    )
-    run_script("grpo.py", "--model-path", str(root / "sft"), "--data", files["prompts"], "--reward-fn",
-               f"{tmp_path / 'rw.py'}:length", "--num-generations", "4", "--ppo-epochs", "1", "--num-minibatches", "1",
-               *ONLINE, "--output-dir", str(tmp_path / "out"))  # fmt: skip
-    assert len(logged(tmp_path / "out", "grpo/loss")) == 2
-    assert_real_shape(tmp_path / "out", 128_256, 2048)
