@@ -566,10 +566,23 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
-    )
+def render(
+    tokenizer, messages: list[dict], add_generation_prompt: bool = False, context: str = "conversation", **kwargs
+) -> list[int]:
+    """The token ids of `messages` rendered by the tokenizer's chat template. A template that refuses the turns (e.g.
+    Gemma's: no system role, roles must alternate) is a DataError naming `context` (file and row) and what to do."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+    except TemplateError as e:
+        roles = "/".join(m.get("role", "?") for m in messages)
+        raise DataError(
+            f"{context}: the chat template refused the turns ({roles}): {e}; a template without a system role (Gemma's) "
+            "needs the system text folded into the first user turn, or pass --chat-template chatml|llama3|plain|FILE"
+        ) from None
     return encode(tokenizer, text)
 
 
@@ -594,13 +607,13 @@ def tokenize_conversation(
         if message["role"] != "assistant":
             continue
         header_kwargs = {"attributes": message["attributes"]} if message.get("attributes") else {}
-        head = render(tokenizer, messages[:k], add_generation_prompt=True, **header_kwargs)
-        full = render(tokenizer, messages[: k + 1])
+        head = render(tokenizer, messages[:k], add_generation_prompt=True, context=context, **header_kwargs)
+        full = render(tokenizer, messages[: k + 1], context=context)
         _check_prefix(ids, head, context)
         _check_prefix(head, full, context)
         labels += [IGNORE_INDEX] * (len(head) - len(ids)) + full[len(head) :]
         ids = full
-    whole = render(tokenizer, messages)
+    whole = render(tokenizer, messages, context=context)
     _check_prefix(ids, whole, context)
     labels += [IGNORE_INDEX] * (len(whole) - len(ids))
     return whole, labels
@@ -640,7 +653,7 @@ def fit_prompt(
     """
     if truncation not in PROMPT_TRUNCATION:
         raise ValueError(f"--prompt-truncation must be one of {PROMPT_TRUNCATION}, got {truncation!r}")
-    ids = render(tokenizer, prompt, add_generation_prompt=True, **template_kwargs)
+    ids = render(tokenizer, prompt, add_generation_prompt=True, context=context, **template_kwargs)
     if len(ids) <= max_prompt_len:
         return prompt, ids, 0
     if truncation != "left":
@@ -650,7 +663,7 @@ def fit_prompt(
         )
     messages = prompt
     for messages in shorter_prompts(prompt):
-        ids = render(tokenizer, messages, add_generation_prompt=True, **template_kwargs)
+        ids = render(tokenizer, messages, add_generation_prompt=True, context=context, **template_kwargs)
         if len(ids) <= max_prompt_len:
             return messages, ids, 0
     return messages, ids, len(ids) - max_prompt_len
@@ -691,7 +704,7 @@ def tokenize_prompt_row(tokenizer, record: dict, max_prompt_len: int, context: s
 
 def tokenize_response(tokenizer, prompt: list[dict], prompt_ids: list[int], response: str, context: str) -> list[int]:
     """The tokens of one assistant reply after `prompt_ids` (content + end-of-turn), via the template."""
-    full = render(tokenizer, prompt + [{"role": "assistant", "content": response}])
+    full = render(tokenizer, prompt + [{"role": "assistant", "content": response}], context=context)
     _check_prefix(prompt_ids, full, context)
     return full[len(prompt_ids) :]
 

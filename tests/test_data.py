@@ -454,6 +454,46 @@ def test_template_that_is_not_prefix_stable_is_detected(tokenizer):
         )
 
 
+GEMMA_STYLE_TEMPLATE = (  # Gemma's structure: no system role, user/model turns that must alternate
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def test_template_without_a_system_role_masks_right_or_names_the_row(tokenizer):
+    """A Gemma-style template: the assistant tokens are labelled exactly (the reply and its end-of-turn), and a row the
+    template refuses (a system turn) is a DataError naming the row and the fix, never a traceback or a wrong mask."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = GEMMA_STYLE_TEMPLATE
+    messages = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
+                {"role": "user", "content": "And 1 + 1?"}, {"role": "assistant", "content": "2"}]  # fmt: skip
+    ids, labels = data.tokenize_conversation(tok, messages, "f.jsonl: row 3")
+    assert ids == data.render(tok, messages) and labels == [
+        lab if lab == IGNORE_INDEX else t for t, lab in zip(ids, labels)
+    ]
+    spans, current = [], []  # the labelled runs of tokens, decoded
+    for t, lab in zip(ids, labels):
+        if lab != IGNORE_INDEX:
+            current.append(t)
+        elif current:
+            spans.append(tok.decode(current))
+            current = []
+    spans += [tok.decode(current)] if current else []
+    assert spans == ["5<end_of_turn>\n", "2<end_of_turn>\n"]  # each reply with its end of turn, nothing else
+    with pytest.raises(DataError, match=r"^f\.jsonl: row 4: the chat template refused the turns \(system/user\)"):
+        data.tokenize_sft(tok, {"messages": [{"role": "system", "content": "Be brief."}, *messages[:2]]}, 64,
+                          "f.jsonl: row 4")  # fmt: skip
+    with pytest.raises(DataError, match=r"^f\.jsonl: row 5: .*System role not supported.*--chat-template"):
+        data.tokenize_prompt(tok, [{"role": "system", "content": "Be brief."}, messages[0]], 64, "f.jsonl: row 5")
+
+
 # --- collation and packing ----------------------------------------------------------------------------------------
 
 

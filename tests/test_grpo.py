@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,7 +285,12 @@ def test_micro_batch_times_accumulation_equals_one_micro_batch(grpo_files, tmp_p
     from safetensors.torch import load_file
 
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    w0 = load_file(Path(f["base"]) / "model.safetensors")
+    # float rounding differs between the two layouts (a group's prompt is shared within a micro-batch of 16, less so
+    # in micro-batches of 4), and Adam magnifies it on weights whose gradient is ~0; a mistake in the accumulation
+    # (a step's gradient scaled by 4, say) moves the weights by as much as the update itself
+    moved = max((wa[k] - w0[k]).abs().max().item() for k in wa)
+    assert moved > 1e-3 and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-2 * moved
 
 
 def test_torchrun_two_processes_match_one(grpo_files, tmp_path):
