@@ -8,12 +8,11 @@ log-prob path reads, `logits_to_keep`), tied embeddings staying tied through tra
 vocabulary much larger than the tokenizer (ids past the tokenizer's last token, as with Qwen's 151,936 rows for
 151,665 tokens), and the templates. One chain per shape keeps the cost down: the Qwen chain is
 `examples/real_model.sh --dry-run` (sft -> reward_model -> ppo, dpo), whose SFT output then feeds grpo,
-rejection_sampling (scored by the dry run's reward model) and distill (teacher); the Llama shape runs sft (no pad, no
-template, two EOS ids). `make test` runs the dry run; the other runs are marked `heavy` (~90 s more on 2 cores) and
-run with `make test-all`. Left out for make test's time budget (each ran and passed when this file was written, ~20-35 s
-apiece): spin and steerlm train at the Qwen shape (their parts are covered here: generation by grpo and
-rejection_sampling, the DPO loss by dpo, attribute-string SFT by sft) and grpo / dpo at the Llama shape. Each test
-deletes what it wrote (a 1-layer model at these widths is ~0.6 GB a copy, ~2.5 GB a run with its trainer state).
+rejection_sampling (scored by the dry run's reward model), spin, steerlm train and distill (teacher); the Llama shape
+runs sft (no pad, no template, two EOS ids). `make test` runs the dry run; the other runs are marked `heavy` (~2.5 min
+more on 2 cores) and run with `make test-all`. Not run at the Llama shape: the scripts after sft (grpo ran and passed
+when this file was written; dropped for time). Each test deletes what it wrote (a 1-layer model at these widths is
+~0.6 GB a copy, ~2.5 GB a run with its trainer state).
 """
 
 from __future__ import annotations
@@ -117,6 +116,13 @@ QWEN_RUNS = {
     "rejection_sampling": lambda f: ["rejection_sampling.py", "--model-path", f["sft_model"], "--data", f["prompts"],
                                      "--reward-model-path", f["rm"], "--num-rollouts", "2", "--top-n", "1",
                                      "--keep-truncated", *ONLINE],
+    "spin": lambda f: ["spin.py", "--model-path", f["sft_model"], "--data", f["sft"], "--iterations", "1",
+                       "--num-prompts", "4", "--eval-size", "4", "--max-new-tokens", "4", "--local-micro-batch-size",
+                       "2", "--steps-per-iteration", "2", "--log-every", "1", "--warmup-steps", "0",
+                       "--demo-eval-prompts", "0"],
+    "steerlm": lambda f: ["steerlm.py", "train", "--model-path", f["sft_model"], "--data", f["attributes"],
+                          "--eval-size", "4", "--local-micro-batch-size", "2", "--demo-eval-prompts", "0",
+                          "--steer-prompts", "0", *STEPS],
     "distill": lambda f: ["distill.py", "--model-path", f["base"], "--teacher-path", f["sft_model"], "--data", f["sft"],
                           "--chat-template", "chatml", "--eval-size", "4", "--local-micro-batch-size", "2",
                           "--response-length", "6", "--top-k", "8", "--demo-eval-prompts", "0", *STEPS],
