@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # pytest-xdist workers: the suite is mostly single-threaded subprocess runs (import time, tiny models)
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test test-all test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +19,10 @@ demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/demo.sh
 
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not heavy" tests
-
-test-all: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not heavy" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

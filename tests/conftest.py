@@ -12,9 +12,13 @@ tests/test_devices.py checks all three with a faked CUDA, so that they are check
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,11 +34,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-# The slowest files first (serial seconds on the 2-core machine, 2026-12-02: ~270, 260, 180, 170, 100, ...). With
-# `--dist loadfile` xdist hands the files out in collection order, so the long ones start early on both workers and
-# the short ones fill the end; in alphabetical order two long files could start last on one worker.
-SLOWEST_FIRST = ["test_faults_supervised.py", "test_real_shapes.py", "test_dpo.py", "test_faults_online.py",
-                 "test_grpo.py", "test_sft.py", "test_gpu_suite.py", "test_steerlm.py", "test_distill.py",
+# The slowest files first (serial seconds on the 2-core machine, 2026-12-02). With `--dist loadfile` xdist hands the
+# files out in collection order, so the long ones start early on both workers and the short ones fill the end; in
+# alphabetical order two long files could start last on one worker.
+SLOWEST_FIRST = ["test_real_shapes.py", "test_faults_supervised.py", "test_dpo.py", "test_faults_online.py",
+                 "test_gpu_suite.py", "test_steerlm.py", "test_grpo.py", "test_sft.py", "test_distill.py",
                  "test_rejection_sampling.py", "test_spin.py", "test_ppo.py", "test_reward_model.py", "test_bf16.py"]  # fmt: skip
 
 
@@ -82,13 +86,52 @@ def script_env() -> dict:
     return env
 
 
+class ScriptServer:
+    """The warm interpreter of tests/script_server.py, one per test process: `python SCRIPT ARGS` as a fork of a
+    process that has already imported torch, transformers and the project (~5 s saved per run; the suite is mostly
+    such runs). PLAINALIGN_TEST_FORK=0 runs every script as a plain subprocess instead."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "script_server.py"), str(ROOT)], cwd=ROOT,
+                                     env=script_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+
+    def run(self, argv: list[str], timeout: int, tmp: Path) -> subprocess.CompletedProcess:
+        out, err = tmp / "stdout", tmp / "stderr"
+        self.proc.stdin.write(json.dumps({"argv": argv, "stdout": str(out), "stderr": str(err)}) + "\n")
+        self.proc.stdin.flush()
+        pid = json.loads(self.proc.stdout.readline())["pid"]
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:  # as subprocess.run: kill the run, then raise
+            os.kill(pid, signal.SIGKILL)
+            self.proc.stdout.readline()
+            raise subprocess.TimeoutExpired(argv, timeout)
+        returncode = json.loads(self.proc.stdout.readline())["returncode"]
+        return subprocess.CompletedProcess(
+            argv, returncode, out.read_text(errors="replace"), err.read_text(errors="replace")
+        )
+
+
+_server: ScriptServer | None = None
+
+
 def run_script(script: str, *args: str, nproc: int = 1, timeout: int = 600, check: bool = True):
-    """Run a top-level script as a user would (`python x.py` or `torchrun`), from the repository root, on the CPU."""
+    """Run a top-level script as a user would (`python x.py` or `torchrun`), from the repository root, on the CPU.
+    One process: a fork of the warm `ScriptServer` (the same command, environment, exit status and output)."""
+    global _server
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script]
     else:
         cmd = [sys.executable, script]
-    proc = subprocess.run(cmd + list(args), cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    if nproc == 1 and os.environ.get("PLAINALIGN_TEST_FORK", "1") != "0":
+        if _server is None or _server.proc.poll() is not None:
+            _server = ScriptServer()
+        with tempfile.TemporaryDirectory() as tmp:
+            proc = _server.run([script, *args], timeout, Path(tmp))
+    else:
+        proc = subprocess.run(
+            cmd + list(args), cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout
+        )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd + list(args))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"

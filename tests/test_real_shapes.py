@@ -9,8 +9,7 @@ vocabulary much larger than the tokenizer (ids past the tokenizer's last token, 
 151,665 tokens), and the templates. One chain per shape keeps the cost down: the Qwen chain is
 `examples/real_model.sh --dry-run` (sft -> reward_model -> ppo, dpo), whose SFT output then feeds grpo,
 rejection_sampling (scored by the dry run's reward model), spin, steerlm train and distill (teacher); the Llama shape
-runs sft (no pad, no template, two EOS ids). `make test` runs the dry run; the other runs are marked `heavy` (~2.5 min
-more on 2 cores) and run with `make test-all`. Not run at the Llama shape: the scripts after sft (grpo ran and passed
+runs sft (no pad, no template, two EOS ids). Not run at the Llama shape: the scripts after sft (grpo ran and passed
 when this file was written; dropped for time). Each test deletes what it wrote (a 1-layer model at these widths is
 ~0.6 GB a copy, ~2.5 GB a run with its trainer state).
 """
@@ -131,7 +130,6 @@ QWEN_LOSS = {"grpo": "grpo/loss", "rejection_sampling": "rs/loss", "spin": "trai
              "distill": "train/loss"}  # fmt: skip
 
 
-@pytest.mark.heavy
 @pytest.mark.parametrize("script", list(QWEN_RUNS))
 def test_qwen_shape(qwen_files, tmp_path, script):
     """The scripts real_model.sh does not run, from its SFT output (distill: the base model as the student, the SFT
@@ -159,7 +157,6 @@ def llama(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.heavy
 def test_llama_shape_sft(llama):
     """The pad is the first reserved token (not EOS, not <|eot_id|>), printed once; tied 128,256 x 2048 exported."""
     from transformers import AutoTokenizer
