@@ -112,6 +112,7 @@ def test_reward_model_scores_the_same_tokens_in_training_statistics_and_rl(demo_
     from common.models import load_sequence_classifier
 
     tok = tokenizer if template == "demo" else chatml_tokenizer(demo_base, tmp_path)
+    torch.manual_seed(0)  # the random score head (and resized embeddings): not whatever the worker ran before
     model = load_sequence_classifier(
         str(demo_base), torch.device("cpu"), 1, pad_token_id=tok.pad_token_id, init_head=True
     ).eval()
