@@ -531,24 +531,7 @@ if __name__ == "__main__":
         )
         return t | {"chosen_reward": record["chosen_reward"], "rejected_reward": record["rejected_reward"]}
 
-    train = data.tokenize_rows(
-        parsed.records,
-        tok,
-        parsed.source,
-        args.skip_bad_rows,
-        args.prompt_truncation,
-        args.num_proc,
-        args.data_cache_dir,
-    )
-    evals = data.tokenize_rows(
-        eval_parsed.records,
-        tok,
-        eval_source,
-        args.skip_bad_rows,
-        args.prompt_truncation,
-        args.num_proc,
-        args.data_cache_dir,
-    )
+    train, evals = data.tokenize_train_eval(parsed, eval_parsed, eval_source, tok, args)
     if mismatched:  # each row's prompt with another row's completion, fixed for the run (precomputable)
         for records in (train.records, evals.records):
             for e, other in zip(records, mismatched_completions(records, args.max_seq_len)):

@@ -355,24 +355,7 @@ if __name__ == "__main__":
     def tok(record, context):
         return tokenize_example(tokenizer, record, args, names, context, eos_ids)
 
-    train = data.tokenize_rows(
-        parsed.records,
-        tok,
-        parsed.source,
-        args.skip_bad_rows,
-        args.prompt_truncation,
-        args.num_proc,
-        args.data_cache_dir,
-    )
-    evals = data.tokenize_rows(
-        eval_parsed.records,
-        tok,
-        eval_source,
-        args.skip_bad_rows,
-        args.prompt_truncation,
-        args.num_proc,
-        args.data_cache_dir,
-    )
+    train, evals = data.tokenize_train_eval(parsed, eval_parsed, eval_source, tok, args)
 
     # 2. model: a sequence classifier with 1 (bt) or N (regression) outputs; bt from a model with several outputs
     # trains the one --reward-output names, cut out of its head

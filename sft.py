@@ -191,12 +191,7 @@ if __name__ == "__main__":
     def tok(record, context):
         return data.tokenize_sft(tokenizer, record, args.max_seq_len, context)
 
-    train = data.tokenize_all(
-        parsed.records, tok, parsed.source, args.skip_bad_rows, args.num_proc, args.data_cache_dir
-    )
-    evals = data.tokenize_all(
-        eval_parsed.records, tok, eval_source, args.skip_bad_rows, args.num_proc, args.data_cache_dir
-    )
+    train, evals = data.tokenize_train_eval(parsed, eval_parsed, eval_source, tok, args)
     skipped = parsed.skipped + train.skipped
     train_items = data.pack(train.records, args.max_seq_len) if args.packing else train.records
     eval_items = data.pack(evals.records, args.max_seq_len) if args.packing else evals.records

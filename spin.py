@@ -444,24 +444,7 @@ if __name__ == "__main__":
             tokenizer, pair, args.max_seq_len, args.max_prompt_len, context, args.prompt_truncation
         )
 
-    train = data.tokenize_rows(
-        parsed.records,
-        tok,
-        parsed.source,
-        args.skip_bad_rows,
-        args.prompt_truncation,
-        args.num_proc,
-        args.data_cache_dir,
-    )
-    evals = data.tokenize_rows(
-        eval_parsed.records,
-        tok,
-        eval_source,
-        args.skip_bad_rows,
-        args.prompt_truncation,
-        args.num_proc,
-        args.data_cache_dir,
-    )
+    train, evals = data.tokenize_train_eval(parsed, eval_parsed, eval_source, tok, args)
 
     # 3. batch sizes, optimiser, resume (the schedule is made per iteration, its length depends on the pairs)
     global_batch_size = args.local_micro_batch_size * args.gradient_accumulation_steps * dist.world_size

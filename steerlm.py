@@ -915,12 +915,7 @@ def train_stage(args: TrainArgs, dist) -> dict:
     def tok(record, context):
         return tokenize_example(tokenizer, record, order, mode, args.max_seq_len, context)
 
-    train = data.tokenize_all(
-        parsed.records, tok, parsed.source, args.skip_bad_rows, args.num_proc, args.data_cache_dir
-    )
-    evals = data.tokenize_all(
-        eval_parsed.records, tok, eval_source, args.skip_bad_rows, args.num_proc, args.data_cache_dir
-    )
+    train, evals = data.tokenize_train_eval(parsed, eval_parsed, eval_source, tok, args)
     skipped = parsed.skipped + train.skipped
     demo_eval_on = (args.demo_eval_prompts > 0 or args.steer_prompts > 0) and is_demo_data(parsed.records)
     if demo_eval_on:

@@ -799,6 +799,19 @@ def tokenize_rows(
     return out
 
 
+def tokenize_train_eval(
+    train: Parsed, held_out: Parsed, held_out_source: str, fn: Callable, args
+) -> tuple[Parsed, Parsed]:
+    """The parsed training and held-out rows tokenised by `fn(record, context)` under a script's data flags:
+    --skip-bad-rows, --prompt-truncation (scripts without it: "error"), --num-proc and --data-cache-dir."""
+    flags = {"truncation": getattr(args, "prompt_truncation", "error"), "num_proc": args.num_proc,
+             "cache_dir": args.data_cache_dir}  # fmt: skip
+    return (
+        tokenize_rows(train.records, fn, train.source, args.skip_bad_rows, **flags),
+        tokenize_rows(held_out.records, fn, held_out_source, args.skip_bad_rows, **flags),
+    )
+
+
 def exit_on_data_error() -> None:
     """Make a data error (`DataError`: a bad row, field, file or split) end the run as its one line on stderr
     (file, row, field, what to do), not a traceback: the fix is in the data or the flags, not in the code. The
