@@ -167,6 +167,9 @@ class Args:
     """lambda of the paper: strength of the KL regularisation toward the iteration's start model"""
     mix_previous: bool = False
     """also train on the previous iteration's pairs (gold vs the previous model's generations), as in the paper"""
+    num_generations: int = 1
+    """self-play answers per prompt, each paired with the prompt's gold (k pairs per prompt: the push-down is
+    averaged over k draws of the model's answer instead of one)"""
     temperature: float = 1.0
     """sampling temperature of the self-play generations (0 = greedy)"""
     top_k: int = 0
@@ -185,6 +188,9 @@ class Args:
     """steps between checkpoints (0 = only at the end of each iteration)"""
     demo_eval_prompts: int = 1024
     """held-out demo-task prompts graded at the start and after each iteration (0 = off; only with --data demo)"""
+    gap_prompts: int = 1024
+    """with --data demo: the model's sampled answers to the first N training prompts are graded against their gold
+    at the start and after each iteration (gap/*: how far the model is from the data; 0 = off)"""
     skip_nonfinite: bool = False
     """skip steps whose loss is NaN/Inf (counted) instead of stopping"""
     activation_checkpointing: bool = False
@@ -241,9 +247,15 @@ def build_pairs(
     """(prompt, chosen = gold, rejected = generation) pairs of this iteration, then `previous` (with
     --mix-previous: the last iteration's pairs, which keep their older generations), and how many of this
     iteration's were dropped because the generation equals the gold (compared as whitespace-stripped text).
+
+    With k generations per record (`generations` holds record 0's k answers, then record 1's, ...), each answer
+    makes its own pair with the record's gold.
     """
+    if len(generations) % max(len(records), 1) or (generations and not records):
+        raise ValueError(f"{len(generations)} generations for {len(records)} records: not k per record")
+    k = len(generations) // max(len(records), 1)
     pairs, dropped = [], 0
-    for record, generated in zip(records, generations, strict=True):
+    for record, generated in zip((r for r in records for _ in range(k)), generations, strict=True):
         if generated.strip() == record["gold"].strip():
             dropped += 1
             continue
@@ -311,6 +323,28 @@ def generate_responses(
     return [t for shard in dist.all_gather_object(texts) for t in shard][:n]
 
 
+def self_play_gap(prompts: list[str], golds: list[str], answers: list[str]) -> dict:
+    """How far the model's own answers are from the data's, graded by the demo task on the same prompts.
+
+    gap/{gold,own}_{score,accuracy,verbosity}: means over the prompts; gap/verbosity_tv: the total-variation
+    distance between the two answers' verbosity histograms (0 = the same style mix, 1 = disjoint). SPIN's fixed
+    point is own == gold on every one of these.
+    """
+    from common import demo_task
+
+    if not prompts:
+        return {}
+    gold = [demo_task.grade(p, g) for p, g in zip(prompts, golds, strict=True)]
+    own = [demo_task.grade(p, a) for p, a in zip(prompts, answers, strict=True)]
+    out = {}
+    for name, grades in (("gold", gold), ("own", own)):
+        for key, metric in (("score", "score"), ("correct", "accuracy"), ("verbosity", "verbosity")):
+            out[f"gap/{name}_{metric}"] = sum(g[key] for g in grades) / len(grades)
+    hist = [[sum(g["verbosity"] == v for g in grades) / len(grades) for v in range(5)] for grades in (gold, own)]
+    out["gap/verbosity_tv"] = 0.5 * sum(abs(a - b) for a, b in zip(*hist))
+    return out
+
+
 @torch.no_grad()
 def reference_logprobs(ref_model, items: list[dict], args: Args, dist, pad_id: int) -> torch.Tensor:
     """Reference log-probs (N, 2) of (chosen, rejected) for every pair, computed sharded and gathered on every rank."""
@@ -349,7 +383,7 @@ def iteration_table(initial: dict, results: dict[int, dict]) -> str:
     """A plain-text table: one row for the start model, one per iteration, the metrics a reader compares."""
     columns = ["spin/pairs", "spin/dropped_pairs", "train/loss", "rewards/accuracies", "eval/rewards/accuracies",
                "eval/score", "eval/score_gain", "eval/score_gain_se", "eval/accuracy", "eval/verbosity",
-               "spin/iteration_seconds"]  # fmt: skip
+               "gap/own_accuracy", "gap/own_verbosity", "gap/verbosity_tv", "spin/iteration_seconds"]  # fmt: skip
 
     def cell(value) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -402,6 +436,8 @@ def evaluate(model, items: list[dict], ref_logps: torch.Tensor, args: Args, dist
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.num_generations < 1:
+        raise SystemExit(f"--num-generations must be at least 1, got {args.num_generations}")
     data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
     dist = init_distributed(args.mixed_precision)
     seed_everything(args.seed)
@@ -497,6 +533,27 @@ if __name__ == "__main__":
         tracker.log({f"initial/{k}": v for k, v in initial.items()}, 0, echo=False)
         tracker.print(f"start: eval/score={initial['eval/score']:.3f} eval/accuracy={initial['eval/accuracy']:.3f}")
 
+    gap_records = train.records[: args.gap_prompts] if args.data == "demo" else []
+
+    def measure_gap() -> dict:
+        """gap/*: sampled answers (--temperature, ...) to the first --gap-prompts training prompts vs their gold."""
+        if not gap_records:
+            return {}
+        g = torch.Generator(device=dist.device)  # its own stream: the self-play samples are the same with or without
+        g.manual_seed(args.seed * 1000 + 997 + dist.rank)
+        answers = generate_responses(model, [r["prompt_ids"] for r in gap_records], tokenizer, args, dist, g)
+        prompts = [r["prompt"][-1]["content"] for r in gap_records]
+        return self_play_gap(prompts, [r["gold"] for r in gap_records], answers)
+
+    if gap_records and not args.resume:
+        initial |= measure_gap()
+        tracker.log({f"initial/{k}": v for k, v in initial.items() if k.startswith("gap/")}, 0, echo=False)
+        tracker.print(
+            "data vs model on the first {} training prompts: accuracy {:.3f} vs {:.3f}, verbosity {:.2f} vs {:.2f}, "
+            "verbosity TV {:.3f}".format(len(gap_records), *(initial[f"gap/{k}"] for k in (
+                "gold_accuracy", "own_accuracy", "gold_verbosity", "own_verbosity", "verbosity_tv")))
+        )  # fmt: skip
+
     pairs_dir = Path(args.output_dir) / "pairs"
     prompt_ids, eval_prompt_ids = [r["prompt_ids"] for r in train.records], [r["prompt_ids"] for r in evals.records]
     previous = []  # the last iteration's own pairs, for --mix-previous
@@ -518,7 +575,8 @@ if __name__ == "__main__":
                 raise RuntimeError(f"--resume: {pairs_file} holds iteration {saved['iteration']}, expected {iteration}")
         else:
             try:
-                generations = generate_responses(model, prompt_ids, tokenizer, args, dist, generator)
+                k_prompt_ids = [p for p in prompt_ids for _ in range(args.num_generations)]  # a prompt's k in a row
+                generations = generate_responses(model, k_prompt_ids, tokenizer, args, dist, generator)
                 eval_generations = generate_responses(model, eval_prompt_ids, tokenizer, args, dist, generator)
             except FloatingPointError as e:  # NaN logits: every loss of the iteration would be NaN as well
                 if not args.skip_nonfinite:
@@ -527,7 +585,8 @@ if __name__ == "__main__":
                         "answers); pass --skip-nonfinite to skip such steps, or check the model"
                     ) from e
                 tracker.print(f"iteration {iteration}: {e}; answers left empty, the steps will be skipped")
-                generations, eval_generations = [""] * len(prompt_ids), [""] * len(eval_prompt_ids)
+                generations = [""] * (len(prompt_ids) * args.num_generations)
+                eval_generations = [""] * len(eval_prompt_ids)
             own, dropped = build_pairs(train.records, generations, iteration)
             eval_pairs, eval_dropped = build_pairs(evals.records, eval_generations, iteration)
             saved = {
@@ -669,6 +728,7 @@ if __name__ == "__main__":
                 gain, gain_se = paired_difference(ground_truth.pop("scores"), initial_scores)
                 ground_truth |= {"eval/score_gain": gain, "eval/score_gain_se": gain_se}
             result |= ground_truth
+        result |= measure_gap()
         result["spin/iteration_seconds"] = time.time() - t_iter
         results[iteration] = result
         tracker.log(

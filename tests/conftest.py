@@ -37,7 +37,7 @@ if not torch.cuda.is_available():
 # The slowest files first (serial seconds on the 2-core machine, 2026-12-02). With `--dist loadfile` xdist hands the
 # files out in collection order, so the long ones start early on both workers and the short ones fill the end; in
 # alphabetical order two long files could start last on one worker.
-SLOWEST_FIRST = ["test_real_shapes.py", "test_faults_supervised.py", "test_dpo.py", "test_faults_online.py",
+SLOWEST_FIRST = ["test_real_shapes.py", "test_real_shapes_llama.py", "test_faults_supervised.py", "test_dpo.py", "test_faults_online.py",
                  "test_gpu_suite.py", "test_steerlm.py", "test_grpo.py", "test_sft.py", "test_distill.py",
                  "test_rejection_sampling.py", "test_spin.py", "test_ppo.py", "test_reward_model.py", "test_bf16.py"]  # fmt: skip
 

@@ -8,10 +8,9 @@ log-prob path reads, `logits_to_keep`), tied embeddings staying tied through tra
 vocabulary much larger than the tokenizer (ids past the tokenizer's last token, as with Qwen's 151,936 rows for
 151,665 tokens), and the templates. One chain per shape keeps the cost down: the Qwen chain is
 `examples/real_model.sh --dry-run` (sft -> reward_model -> ppo, dpo), whose SFT output then feeds grpo,
-rejection_sampling (scored by the dry run's reward model), spin, steerlm train and distill (teacher); the Llama shape
-runs sft (no pad, no template, two EOS ids). Not run at the Llama shape: the scripts after sft (grpo ran and passed
-when this file was written; dropped for time). Each test deletes what it wrote (a 1-layer model at these widths is
-~0.6 GB a copy, ~2.5 GB a run with its trainer state).
+rejection_sampling (scored by the dry run's reward model), spin, steerlm train and distill (teacher). The Llama shape
+is in test_real_shapes_llama.py (a file of its own, so that the two chains run on different test workers). Each test
+deletes what it wrote (a 1-layer model at these widths is ~0.6 GB a copy, ~2.5 GB a run with its trainer state).
 """
 
 from __future__ import annotations
@@ -139,30 +138,3 @@ def test_qwen_shape(qwen_files, tmp_path, script):
     assert logged(tmp_path, QWEN_LOSS[script])
     assert_real_shape(tmp_path, 151_936, 896)
     shutil.rmtree(tmp_path)
-
-
-# --- Llama-3.2-1B shape: sft (no pad, no template: --chat-template llama3) ----------------------------------
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llama_shape")
-    model = inputs.real_shape_model(root / "model", "llama")
-    files = inputs.write_data(root)
-    sft = root / "sft"
-    proc = run_script("sft.py", "--model-path", model, "--data", files["sft"], "--output-dir", str(sft),
-                      "--chat-template", "llama3", "--max-seq-len", "96", "--local-micro-batch-size", "2",
-                      "--eval-size", "4", "--demo-eval-prompts", "0", *STEPS)  # fmt: skip
-    yield root, files, proc.stdout
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def test_llama_shape_sft(llama):
-    """The pad is the first reserved token (not EOS, not <|eot_id|>), printed once; tied 128,256 x 2048 exported."""
-    from transformers import AutoTokenizer
-
-    root, _, stdout = llama
-    assert stdout.count("pad token '<|reserved_special_token_0|>'") == 1, stdout[-3000:]
-    assert len(logged(root / "sft", "train/loss")) == 2
-    assert_real_shape(root / "sft", 128_256, 2048)
-    assert AutoTokenizer.from_pretrained(root / "sft").pad_token == "<|reserved_special_token_0|>"

@@ -86,6 +86,31 @@ def test_build_pairs_drops_and_counts_generations_equal_to_the_gold_and_mixes_th
         spin.build_pairs(records, generations[:3], iteration=1)  # one generation per prompt, never silently fewer
 
 
+def test_build_pairs_pairs_each_of_k_generations_with_its_records_gold():
+    records = [{"prompt": [{"role": "user", "content": f"q{i}"}], "gold": f"g{i}", "row": i + 1} for i in range(2)]
+    generations = ["a", "g0", "b", "c", "d", "e"]  # record 0's three answers, then record 1's
+    pairs, dropped = spin.build_pairs(records, generations, iteration=1)
+    assert dropped == 1  # record 0's second answer is its gold
+    assert [(p["row"], p["chosen"], p["rejected"]) for p in pairs] == [
+        (1, "g0", "a"), (1, "g0", "b"), (2, "g1", "c"), (2, "g1", "d"), (2, "g1", "e")
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="not k per record"):
+        spin.build_pairs(records, generations[:5], iteration=1)
+
+
+def test_self_play_gap_by_hand():
+    """Gold: right at verbosity 1 (score 0.9) and 0 (0.8); own: wrong at 0, right at 0 (0.8). Verbosity histograms
+    gold {0: .5, 1: .5}, own {0: 1}: total variation 0.5."""
+    prompts = ["What is 2 + 3?", "Which is larger, 318 or 381?"]
+    gap = spin.self_play_gap(prompts, ["The answer is 5.", "381"], ["7", "381"])
+    expected = {"gap/gold_score": 0.85, "gap/gold_accuracy": 1.0, "gap/gold_verbosity": 0.5, "gap/own_score": 0.4,
+                "gap/own_accuracy": 0.5, "gap/own_verbosity": 0.0, "gap/verbosity_tv": 0.5}  # fmt: skip
+    assert gap.keys() == expected.keys()
+    for key, value in expected.items():
+        assert gap[key] == pytest.approx(value), key
+    assert spin.self_play_gap([], [], []) == {}
+
+
 def test_default_start_model_missing_says_how_to_build_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no out/sft here
     with pytest.raises(
@@ -147,12 +172,37 @@ def test_smoke_two_iterations_write_loadable_models_and_per_iteration_eval(smoke
         assert key in result, key
     rows = metrics(out)
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-            "train/loss"} <= set(rows[1])  # fmt: skip
+            "train/loss"} <= set(next(r for r in rows if "spin/iteration_step" in r))  # fmt: skip
     # mixing: iteration 2 trains on its own 32 pairs plus iteration 1's 32 (nothing dropped: a random model never
     # answers the gold)
     assert (result["iter_1/spin/pairs"], result["iter_2/spin/pairs"]) == (32, 64)
     assert result["iter_1/spin/dropped_pairs"] == 0
     assert "per iteration" in stdout and "initial" in stdout and "iteration 2 done" in stdout
+    # the model-vs-data gap on the first --gap-prompts training prompts, at the start and after each iteration
+    for key in (
+        "initial/gap/own_accuracy",
+        "iter_1/gap/own_accuracy",
+        "iter_2/gap/verbosity_tv",
+        "iter_2/gap/gold_score",
+    ):
+        assert 0 <= result[key] <= 1, key
+    assert "data vs model on the first 32 training prompts" in stdout
+
+
+def test_several_generations_per_prompt_make_a_pair_each(demo_base, tmp_path):
+    """--num-generations 3: three sampled answers per prompt, in a row, each paired with the prompt's gold."""
+    run_script("spin.py", "--model-path", str(demo_base), "--output-dir", str(tmp_path), "--iterations", "1",
+               "--num-prompts", "8", "--eval-size", "4", "--max-new-tokens", "8", "--num-generations", "3",
+               "--local-micro-batch-size", "8", "--demo-eval-prompts", "0", "--gap-prompts", "0")  # fmt: skip
+    saved = torch.load(tmp_path / "pairs" / "iter_1.pt", weights_only=False)
+    pairs = saved["pairs"]
+    assert len(pairs) + saved["dropped"] == 24 and saved["dropped"] == 0  # a random model never answers the gold
+    rows = [p["row"] for p in pairs]
+    assert rows == [r for r in dict.fromkeys(rows) for _ in range(3)] and len(set(rows)) == 8
+    for i in range(0, 24, 3):
+        assert len({p["chosen"] for p in pairs[i : i + 3]}) == 1  # the same gold
+        assert len({p["rejected"] for p in pairs[i : i + 3]}) > 1  # different draws
+    assert "initial/gap/own_accuracy" not in json.loads((tmp_path / "eval.json").read_text())  # --gap-prompts 0: off
 
 
 def test_reference_is_the_model_at_the_start_of_each_iteration(smoke, demo_base, tokenizer):
