@@ -390,7 +390,7 @@ if __name__ == "__main__":
     rows = data.load_rows(data_path, args.split)
     parsed = data.parse_rows(rows, data.parse_prompt, rows.source, args.skip_bad_rows)
     prompts = data.tokenize_rows(parsed.records, lambda r, c: data.tokenize_prompt(tokenizer, r["prompt"], args.max_prompt_len, c,
-                                 args.prompt_truncation), parsed.source, args.skip_bad_rows, args.prompt_truncation, args.num_proc, args.data_cache_dir)  # fmt: skip
+                                 args.prompt_truncation, r.get("field", "prompt")), parsed.source, args.skip_bad_rows, args.prompt_truncation, args.num_proc, args.data_cache_dir)  # fmt: skip
 
     # 3. optimisers, schedules, KL controller, resume
     policy_opt = make_optimizer(policy, args.learning_rate, args.weight_decay)

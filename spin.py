@@ -436,9 +436,9 @@ def evaluate(model, items: list[dict], ref_logps: torch.Tensor, args: Args, dist
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
     if args.num_generations < 1:
         raise SystemExit(f"--num-generations must be at least 1, got {args.num_generations}")
-    data.exit_on_data_error()  # a bad row, field or split: one line naming it, no traceback
     dist = init_distributed(args.mixed_precision)
     seed_everything(args.seed)
     stop = StopSignal()

@@ -461,7 +461,8 @@ def parse_preference(row: dict, source: str, i: int, strength_column: str | None
 
 
 def parse_prompt(row: dict, source: str, i: int) -> dict:
-    """{"prompt": str|messages} -> {"prompt": messages}. SFT rows are accepted too (their prompt part)."""
+    """{"prompt": str|messages} -> {"prompt": messages}. SFT rows are accepted too (their prompt part), and then
+    "field": "messages" says where the prompt came from, for the errors about it (a prompt over --max-prompt-len)."""
     if _present(row, "prompt"):
         return {"prompt": _messages(row["prompt"], source, i, "prompt")}
     if _present(row, "messages"):
@@ -470,7 +471,7 @@ def parse_prompt(row: dict, source: str, i: int) -> dict:
             messages = messages[:-1]
         if not messages:
             raise DataError(f"{where(source, i, 'messages')}: no prompt turn before the assistant turn")
-        return {"prompt": messages}
+        return {"prompt": messages, "field": "messages"}
     raise DataError(f"{where(source, i, 'prompt')}: missing")
 
 
@@ -698,7 +699,8 @@ def tokenize_prompt(
 def tokenize_prompt_row(tokenizer, record: dict, max_prompt_len: int, context: str, truncation: str = "error") -> dict:
     """An online script's prompt record with its ids ("ids"); under --prompt-truncation left its "prompt" becomes
     the turns kept, so what the policy and the reward see agree."""
-    prompt, ids, cut = fit_prompt(tokenizer, record["prompt"], max_prompt_len, context, truncation)
+    fld = record.get("field", "prompt")
+    prompt, ids, cut = fit_prompt(tokenizer, record["prompt"], max_prompt_len, context, truncation, fld)
     return record | {"prompt": prompt, "ids": ids[cut:]}
 
 

@@ -175,9 +175,9 @@ def test_openai_messages_with_system_turns():
     row = {"messages": [system("You are terse."), user("Capital of France?"), assistant("Paris."),
                         user("And of Spain?"), assistant("Madrid.")]}  # fmt: skip
     assert data.parse_sft(row, "f", 1) == {"messages": row["messages"]}
-    assert data.parse_prompt(row, "f", 1) == {"prompt": row["messages"][:4]}
-    assert data.parse_prompt_row(row | {"answer": "Madrid"}, "f", 1) == {
-        "prompt": row["messages"][:4], "given": row["messages"][:4], "columns": {"answer": "Madrid"}}  # fmt: skip
+    assert data.parse_prompt(row, "f", 1) == {"prompt": row["messages"][:4], "field": "messages"}
+    assert data.parse_prompt_row(row | {"answer": "Madrid"}, "f", 1) == {"prompt": row["messages"][:4],
+        "field": "messages", "given": row["messages"][:4], "columns": {"answer": "Madrid"}}  # fmt: skip
 
 
 def test_anthropic_hh_several_turns():
@@ -271,6 +271,20 @@ def test_prompt_truncation_error_and_skip(tokenizer):
     with pytest.raises(DataError, match=r"^f: row 3: the prompt .* leaves no room"):
         data.tokenize_rows([short, long, no_room], lambda r, c: data.tokenize_pair(tokenizer, r, n if r["row"] == 3
                            else 64, 16, c, "skip"), "f", False, "skip")  # fmt: skip
+
+
+def test_a_too_long_prompt_from_messages_rows_names_the_messages_field(tokenizer):
+    """Online scripts read SFT `messages` rows as prompts (their turns before the last answer): the over-length error
+    names the field the row has, not `prompt`."""
+    row = {"messages": [user("word " * 40), assistant("ok")], "answer": "ok"}
+    record = data.parse_prompt_row(row, "f", 5)
+    with pytest.raises(DataError, match=r"^f: row 5, field 'messages': prompt is \d+ tokens, over --max-prompt-len 16"):
+        data.tokenize_prompt_row(tokenizer, record, 16, "f: row 5")  # grpo.py, rejection_sampling.py
+    parsed = data.parse_prompt(row, "f", 5)
+    with pytest.raises(DataError, match=r"^f: row 5, field 'messages': prompt is"):  # ppo.py's call
+        data.tokenize_prompt(tokenizer, parsed["prompt"], 16, "f: row 5", "error", parsed.get("field", "prompt"))
+    with pytest.raises(DataError, match=r"^f: row 5, field 'prompt': prompt is"):  # a `prompt` row names `prompt`
+        data.tokenize_prompt_row(tokenizer, data.parse_prompt_row({"prompt": "word " * 40}, "f", 5), 16, "f: row 5")
 
 
 # --- the skipped-row report ---------------------------------------------------------------------------------------
