@@ -1083,6 +1083,48 @@ def generate_stage(args: GenerateArgs, dist) -> list[dict]:
     return rows
 
 
+def steer2_request(
+    tokenizer, record: dict, order: list[str], mode: str, max_prompt_len: int, truncation: str, context: str
+) -> dict:
+    """A SteerLM 2.0 request from an attribute row: the prompt (the turns before the last assistant turn) asking
+    for the row's own attribute values. `ids` request them, `plain_ids` are the same prompt without a request (what
+    the SFT reference of the weights reads); both at most `max_prompt_len` tokens. A prompt over the limit is a
+    DataError naming 'messages' unless `truncation` is "left": then whole leading turns are dropped (the same turns
+    from both) and, when the last turn alone is too long, tokens from the left (the assistant header stays).
+    """
+    try:
+        request = format_attributes(record["attributes"], order)
+    except KeyError as e:
+        name = next(n for n in record["attributes"] if n not in order)
+        raise data.DataError(f"{context}, field 'attributes.{name}': {e.args[0]}; pass --attributes-order") from None
+    messages = with_attributes(record["messages"], "", mode)
+    prompt = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+    ids = request_ids(tokenizer, prompt, request, mode)
+    if len(ids) > max_prompt_len and truncation != "left":
+        raise data.DataError(
+            f"{context}, field 'messages': prompt is {len(ids)} tokens, {data.TOO_LONG} {max_prompt_len} "
+            "(pass --prompt-truncation left to keep its last turns, or skip to drop such rows; or raise the limit)"
+        )
+    for shorter in data.shorter_prompts(prompt) if len(ids) > max_prompt_len else ():  # left: the last turns
+        prompt, ids = shorter, request_ids(tokenizer, shorter, request, mode)
+        if len(ids) <= max_prompt_len:
+            break
+    plain_ids = data.render(tokenizer, prompt, add_generation_prompt=True)
+    values = [record["attributes"].get(name) for name in order]
+    for name, v in zip(order, values):
+        if v is not None and not MIN_VALUE <= round(v) <= MAX_VALUE:
+            raise data.DataError(f"{context}, field 'attributes.{name}': {v} is outside {MIN_VALUE}..{MAX_VALUE}")
+    return {
+        "prompt": prompt,
+        "text": split_turn(messages)[0],
+        "request": request,
+        "ids": ids[-max_prompt_len:],  # left: then cut from the left, the assistant header stays
+        "plain_ids": plain_ids[-max_prompt_len:],
+        "row": record["row"],
+        "values": [float("nan") if v is None else float(round(v)) for v in values],
+    }
+
+
 def steer2_stage(args: Steer2Args, dist) -> dict:
     """SteerLM 2.0: --iterations rounds of sampling from the current model Q', weighting, and weighted-NLL training."""
     from transformers import AutoConfig
@@ -1181,39 +1223,7 @@ def steer2_stage(args: Steer2Args, dist) -> dict:
     parsed = data.parse_rows(rows, data.parse_attributes, rows.source, args.skip_bad_rows)
 
     def to_request(record: dict, context: str) -> dict:
-        try:
-            request = format_attributes(record["attributes"], order)
-        except KeyError as e:
-            name = next(n for n in record["attributes"] if n not in order)
-            raise data.DataError(
-                f"{context}, field 'attributes.{name}': {e.args[0]}; pass --attributes-order"
-            ) from None
-        messages = with_attributes(record["messages"], "", mode)
-        prompt = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
-        ids = request_ids(tokenizer, prompt, request, mode)
-        if len(ids) > args.max_prompt_len and args.prompt_truncation != "left":
-            raise data.DataError(
-                f"{context}, field 'messages': prompt is {len(ids)} tokens, {data.TOO_LONG} {args.max_prompt_len} "
-                "(pass --prompt-truncation left to keep its last turns, or skip to drop such rows; or raise the limit)"
-            )
-        for shorter in data.shorter_prompts(prompt) if len(ids) > args.max_prompt_len else ():  # left: last turns
-            prompt, ids = shorter, request_ids(tokenizer, shorter, request, mode)
-            if len(ids) <= args.max_prompt_len:
-                break
-        plain_ids = data.render(tokenizer, prompt, add_generation_prompt=True)
-        values = [record["attributes"].get(name) for name in order]
-        for name, v in zip(order, values):
-            if v is not None and not MIN_VALUE <= round(v) <= MAX_VALUE:
-                raise data.DataError(f"{context}, field 'attributes.{name}': {v} is outside {MIN_VALUE}..{MAX_VALUE}")
-        return {
-            "prompt": prompt,
-            "text": split_turn(messages)[0],
-            "request": request,
-            "ids": ids[-args.max_prompt_len :],  # left: then cut from the left, the assistant header stays
-            "plain_ids": plain_ids[-args.max_prompt_len :],
-            "row": record["row"],
-            "values": [float("nan") if v is None else float(round(v)) for v in values],
-        }
+        return steer2_request(tokenizer, record, order, mode, args.max_prompt_len, args.prompt_truncation, context)
 
     requests = data.tokenize_rows(
         parsed.records,

@@ -120,6 +120,31 @@ def test_labels_cover_the_response_not_the_attribute_string(tokenizer):
     assert ex["input_ids"][: len(request)] == request and ex["labels"][len(request)] != data.IGNORE_INDEX
 
 
+def test_steer2_request_prompt_truncation_left_keeps_the_last_turns_of_both_prompts(tokenizer):
+    """SteerLM 2.0 requests: over --max-prompt-len, "left" drops whole leading exchanges from the request and the
+    plain prompt alike (the same turns), "error" names the field; within the limit both render the whole prompt."""
+    turns = [{"role": "user", "content": "Add 1 and 2. " * 6}, {"role": "assistant", "content": "3"},
+             {"role": "user", "content": "Add 4 and 4."}, {"role": "assistant", "content": "8"}]  # fmt: skip
+    record = {"messages": turns, "attributes": {"correctness": 4, "verbosity": 1, "politeness": 0}, "row": 3}
+    request = "correctness:4,verbosity:1,politeness:0"
+    whole = steerlm.request_ids(tokenizer, turns[:3], request, "template")
+    last = steerlm.request_ids(tokenizer, turns[2:3], request, "template")
+    assert len(last) < len(whole)
+    fits = steerlm.steer2_request(tokenizer, record, ORDER, "template", len(whole), "error", "f: row 3")
+    assert fits["ids"] == whole and fits["prompt"] == turns[:3]
+    assert fits["plain_ids"] == data.render(tokenizer, turns[:3], add_generation_prompt=True)
+    assert fits["values"] == [4.0, 1.0, 0.0] and fits["request"] == request
+    cut = steerlm.steer2_request(tokenizer, record, ORDER, "template", len(last), "left", "f: row 3")
+    assert cut["prompt"] == turns[2:3] and cut["ids"] == last
+    assert cut["plain_ids"] == data.render(tokenizer, turns[2:3], add_generation_prompt=True)
+    tokens = steerlm.steer2_request(tokenizer, record, ORDER, "template", len(last) - 2, "left", "f: row 3")
+    assert tokens["ids"] == last[2:]  # the last turn alone is too long: cut from the left, the header stays
+    with pytest.raises(
+        data.DataError, match=r"^f: row 3, field 'messages': prompt is \d+ tokens, over --max-prompt-len"
+    ):
+        steerlm.steer2_request(tokenizer, record, ORDER, "template", len(last), "error", "f: row 3")
+
+
 def test_template_without_attributes_falls_back_to_a_system_message(tokenizer):
     plain = tokenizer.chat_template.replace(
         "{% if message['role'] == 'assistant' and message.get('attributes') %}[{{ message['attributes'] }}]{% endif %}",
