@@ -105,10 +105,11 @@ def qwen_files(qwen):
     attributes = demo_task.write_jsonl(demo_task.attribute_rows(seed=1, n=24), out / "attributes.jsonl")
     return {"sft_model": str(out / "sft"), "rm": str(out / "reward_model"), "prompts": str(out / "inputs" / "prompts.jsonl"),
             "sft": str(out / "inputs" / "sft.jsonl"), "rw": f"{out / 'rw.py'}:length", "attributes": str(attributes),
-            "base": str(out / "inputs" / "model")}  # fmt: skip
+            "base": str(out / "inputs" / "model"), "chat_template": "chatml"}  # fmt: skip
 
 
-QWEN_RUNS = {
+# the scripts after sft at either shape; `f`: the chain's files (`chat_template`: the student base model's, distill)
+RUNS = {
     "grpo": lambda f: ["grpo.py", "--model-path", f["sft_model"], "--data", f["prompts"], "--reward-fn", f["rw"],
                        "--num-generations", "4", "--ppo-epochs", "1", "--num-minibatches", "1", *ONLINE],
     "rejection_sampling": lambda f: ["rejection_sampling.py", "--model-path", f["sft_model"], "--data", f["prompts"],
@@ -122,19 +123,19 @@ QWEN_RUNS = {
                           "--eval-size", "4", "--local-micro-batch-size", "2", "--demo-eval-prompts", "0",
                           "--steer-prompts", "0", *STEPS],
     "distill": lambda f: ["distill.py", "--model-path", f["base"], "--teacher-path", f["sft_model"], "--data", f["sft"],
-                          "--chat-template", "chatml", "--eval-size", "4", "--local-micro-batch-size", "2",
+                          "--chat-template", f["chat_template"], "--eval-size", "4", "--local-micro-batch-size", "2",
                           "--response-length", "6", "--top-k", "8", "--demo-eval-prompts", "0", *STEPS],
 }  # fmt: skip
-QWEN_LOSS = {"grpo": "grpo/loss", "rejection_sampling": "rs/loss", "spin": "train/loss", "steerlm": "train/loss",
+LOSS = {"ppo": "ppo/loss/policy_avg", "dpo": "train/loss", "grpo": "grpo/loss", "rejection_sampling": "rs/loss", "spin": "train/loss", "steerlm": "train/loss",
              "distill": "train/loss"}  # fmt: skip
 
 
-@pytest.mark.parametrize("script", list(QWEN_RUNS))
+@pytest.mark.parametrize("script", list(RUNS))
 def test_qwen_shape(qwen_files, tmp_path, script):
     """The scripts real_model.sh does not run, from its SFT output (distill: the base model as the student, the SFT
     output as the teacher), a couple of steps each at the real shape."""
-    script_file, *flags = QWEN_RUNS[script](qwen_files)
+    script_file, *flags = RUNS[script](qwen_files)
     run_script(script_file, *flags, "--output-dir", str(tmp_path))
-    assert logged(tmp_path, QWEN_LOSS[script])
+    assert logged(tmp_path, LOSS[script])
     assert_real_shape(tmp_path, 151_936, 896)
     shutil.rmtree(tmp_path)

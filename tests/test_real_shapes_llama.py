@@ -16,7 +16,7 @@ import shutil
 import sys
 
 import pytest
-from test_real_shapes import ONLINE, STEPS, assert_real_shape, logged
+from test_real_shapes import LOSS, ONLINE, RUNS, STEPS, assert_real_shape, logged
 
 from conftest import ROOT, run_script
 
@@ -46,8 +46,9 @@ def llama(tmp_path_factory):
     from common import demo_task
 
     attributes = demo_task.write_jsonl(demo_task.attribute_rows(seed=1, n=24), root / "attributes.jsonl")
-    files |= {"model": str(model), "sft_model": str(root / "sft"), "rm": str(root / "reward_model"),
-              "rw": f"{root / 'rw.py'}:length", "attributes": str(attributes)}  # fmt: skip
+    files |= {"sft_model": str(root / "sft"), "rm": str(root / "reward_model"),
+              "rw": f"{root / 'rw.py'}:length", "attributes": str(attributes), "base": str(model),
+              "chat_template": "llama3"}  # fmt: skip
     yield root, files, sft.stdout, rm.stdout
     shutil.rmtree(root, ignore_errors=True)
 
@@ -68,30 +69,13 @@ def test_llama_shape_sft_and_reward_model(llama):
     assert tok.pad_token == PAD and "<|start_header_id|>" in tok.chat_template
 
 
-LLAMA_RUNS = {
+LLAMA_RUNS = RUNS | {  # the Qwen chain runs these two inside real_model.sh --dry-run
     "ppo": lambda f: ["ppo.py", "--model-path", f["sft_model"], "--reward-model-path", f["rm"], "--data", f["prompts"],
                       "--num-minibatches", "1", *ONLINE],
     "dpo": lambda f: ["dpo.py", "--model-path", f["sft_model"], "--data", f["preferences"], "--max-seq-len", "96",
                       "--max-prompt-len", "64", "--local-micro-batch-size", "2", "--eval-size", "4",
                       "--demo-eval-prompts", "0", *STEPS],
-    "grpo": lambda f: ["grpo.py", "--model-path", f["sft_model"], "--data", f["prompts"], "--reward-fn", f["rw"],
-                       "--num-generations", "4", "--ppo-epochs", "1", "--num-minibatches", "1", *ONLINE],
-    "rejection_sampling": lambda f: ["rejection_sampling.py", "--model-path", f["sft_model"], "--data", f["prompts"],
-                                     "--reward-model-path", f["rm"], "--num-rollouts", "2", "--top-n", "1",
-                                     "--keep-truncated", *ONLINE],
-    "spin": lambda f: ["spin.py", "--model-path", f["sft_model"], "--data", f["sft"], "--iterations", "1",
-                       "--num-prompts", "4", "--eval-size", "4", "--max-new-tokens", "4", "--local-micro-batch-size",
-                       "2", "--steps-per-iteration", "2", "--log-every", "1", "--warmup-steps", "0",
-                       "--demo-eval-prompts", "0"],
-    "steerlm": lambda f: ["steerlm.py", "train", "--model-path", f["sft_model"], "--data", f["attributes"],
-                          "--eval-size", "4", "--local-micro-batch-size", "2", "--demo-eval-prompts", "0",
-                          "--steer-prompts", "0", *STEPS],
-    "distill": lambda f: ["distill.py", "--model-path", f["model"], "--teacher-path", f["sft_model"], "--data", f["sft"],
-                          "--chat-template", "llama3", "--eval-size", "4", "--local-micro-batch-size", "2",
-                          "--response-length", "6", "--top-k", "8", "--demo-eval-prompts", "0", *STEPS],
 }  # fmt: skip
-LLAMA_LOSS = {"ppo": "ppo/loss/policy_avg", "dpo": "train/loss", "grpo": "grpo/loss", "rejection_sampling": "rs/loss",
-              "spin": "train/loss", "steerlm": "train/loss", "distill": "train/loss"}  # fmt: skip
 
 
 @pytest.mark.parametrize("script", list(LLAMA_RUNS))
@@ -100,6 +84,6 @@ def test_llama_shape(llama, tmp_path, script):
     _, files, _, _ = llama
     script_file, *flags = LLAMA_RUNS[script](files)
     run_script(script_file, *flags, "--output-dir", str(tmp_path))
-    assert logged(tmp_path, LLAMA_LOSS[script])
+    assert logged(tmp_path, LOSS[script])
     assert_real_shape(tmp_path, V, H)
     shutil.rmtree(tmp_path)
