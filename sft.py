@@ -68,6 +68,8 @@ class Args:
     """held-out SFT data for eval/loss; default: the last --eval-size rows of --data"""
     eval_size: int = 256
     """rows held out from --data for eval/loss when --eval-data is not given"""
+    max_rows: int = 0
+    """train on the first N training rows of --data only (0 = all; the held-out rows are not among them)"""
     max_seq_len: int = 128
     """tokens per example (longer examples are truncated on the right) or per packed row"""
     packing: bool = False
@@ -187,6 +189,8 @@ if __name__ == "__main__":
     parsed, eval_parsed, eval_source = data.load_train_eval(
         data_path, args.eval_data, args.eval_size, data.parse_sft, args.skip_bad_rows, args.split, args.eval_split
     )
+    if args.max_rows:
+        parsed.records = parsed.records[: args.max_rows]
 
     def tok(record, context):
         return data.tokenize_sft(tokenizer, record, args.max_seq_len, context)
