@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the built-in demo task (behind `make demo`): SFT -> reward model -> PPO, GRPO (demo grader;
-# reward model), rejection sampling, distillation, DPO, SPIN, SteerLM, then one table grading every model the same way
-# (examples/results.py). Every stage uses its defaults, which point at the demo task and at the previous stage's output; seeds are fixed.
+# reward model), rejection sampling, distillation, DPO, SPIN (and its control: SFT continued on SPIN's gold
+# answers), SteerLM, then one table grading every model the same way (examples/results.py). Every stage uses its defaults, which point at the demo task and at the previous stage's output; seeds are fixed.
 # Run from the repository root with the project's Python on PATH (`make demo` does both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,5 +37,8 @@ stage distill python distill.py
 stage distill_offline python distill.py --mode offline --max-rows 9600 --output-dir out/distill_offline
 stage dpo python dpo.py
 stage spin python spin.py
+# SPIN's control: SFT continued on the same 8192 gold answers, as many passes (2), the same learning rate and batch
+stage spin_control python sft.py --model-path out/sft --max-rows 8192 --num-epochs 2 --learning-rate 1e-4 \
+  --local-micro-batch-size 64 --gradient-accumulation-steps 2 --warmup-steps 2 --output-dir out/spin_control
 stage steerlm python steerlm.py
 python examples/results.py

@@ -41,6 +41,7 @@ STAGES = [
     ("Offline top-K distillation (2 layers, teacher GRPO)", "out/distill_offline", {}),
     ("DPO", "out/dpo", {}),
     ("SPIN", "out/spin", {}),
+    ("SFT continued on SPIN's gold answers (SPIN's control)", "out/spin_control", {}),
     (
         "SteerLM (correctness:4,verbosity:2,politeness:2)",
         "out/steerlm",
