@@ -24,8 +24,8 @@ Where this file departs from the paper or makes a choice it leaves open:
 - The default loss is IPO's squared error, (Delta - 1/(2 beta))^2, not the paper's logistic loss
   (`--loss-type sigmoid`): it pulls the margin to a fixed target instead of pushing it up without end, and on the
   demo task it was the only loss whose first iteration beat the start model beyond noise, once (one iteration from
-  one SFT model: ipo +0.027 +- 0.021, sigmoid +0.008 +- 0.025, hinge -0.029 +- 0.027); from three other SFT seeds
-  it stays within noise, where the other losses fell below the start.
+  one SFT model: ipo +0.027 +- 0.021, sigmoid +0.008 +- 0.025, hinge -0.029 +- 0.027); from three later SFT
+  models (three seeds) it stays within noise of the start model.
 
 Defaults: the ipo loss (a departure: see above), 8192 prompts, 128 pairs per optimizer step, lr 1e-4, beta 0.5,
 temperature 1, one epoch per iteration.
@@ -161,8 +161,8 @@ class Args:
     """SPIN iterations: generate with the current model, then train gold-vs-generation with it as reference"""
     loss_type: LossType = "ipo"
     """sigmoid = the paper's logistic loss; hinge and ipo: other losses of the DPO family (see preference_loss).
-    ipo is the default: on the demo task it stays within noise of the start model where the others fell below it
-    (bench/results/spin_experiments.md)"""
+    ipo is the default: on the demo task it was the only loss that beat the start model beyond noise, once, and it
+    stays within noise of it from three SFT seeds (bench/results/spin_experiments.md)"""
     beta: float = 0.5
     """lambda of the paper: strength of the KL regularisation toward the iteration's start model"""
     mix_previous: bool = False
