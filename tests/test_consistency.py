@@ -148,7 +148,7 @@ NAMESPACES = {
     "sft.py": {"train", "eval", "perf", "initial"},
     "reward_model.py": {"train", "eval", "perf", "reward"},
     "dpo.py": {"train", "eval", "perf", "initial", "rewards", "logps"},
-    "spin.py": {"train", "eval", "perf", "initial", "rewards", "logps", "spin", "iter"},
+    "spin.py": {"train", "eval", "perf", "initial", "rewards", "logps", "spin", "iter", "gap"},
     "steerlm.py": {"train", "eval", "perf", "initial", "steer", "contrast", "label"},
     "ppo.py": {"objective", "ppo", "perf", "eval", "initial"},
     "grpo.py": {"objective", "reward", "grpo", "perf", "eval", "initial"},
