@@ -151,3 +151,57 @@ def test_reserved_cache_layer_writes_in_place_and_grows_past_its_buffer():
         if step < 2:
             assert keys.data_ptr() == layer._buffers[0].data_ptr()  # a view of the buffer: nothing copied
     assert cache.get_seq_length() == 8
+
+
+def test_sample_key_hashes_in_python_ints_as_the_tensor_hash_does():
+    """`sample_key` folds its parts with `mix32_int` on Python ints; the same fold with the tensor hash `_mix32` (how
+    keys were made before, and what `keyed_uniform` uses) gives the same keys, negative and >32-bit parts included."""
+
+    def tensor_key(*parts):
+        h = torch.tensor(0, dtype=torch.int64)
+        for p in parts:
+            h = generation._mix32((h + generation._mix32(torch.tensor(p & 0xFFFFFFFF))) & 0xFFFFFFFF)
+        return int(h)
+
+    for parts in [(1, 0, 0, 0, 0), (1, 2, 3, 4, 5), (123456789, -3, 2**40 + 7), (0xFFFFFFFF, 0xFFFFFFFF), (7,)]:
+        assert generation.sample_key(*parts) == tensor_key(*parts)
+    keys = group_sample_keys(1, 0, 0, 0, 16, 8)
+    assert len(set(keys)) == len(keys) and all(0 <= k < 2**32 for k in keys)
+
+
+def test_int32_hash_gives_the_int64_bits(monkeypatch):
+    """The (B, V) hash of `keyed_uniform` runs in int32 (wrapping products); on every 32-bit pattern class (high bit
+    set, overflowing products) and on lengths that leave a tail after the vector lanes it equals the int64 version,
+    and `keyed_uniform` returns the same uniforms either way."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 437, 4099):
+        x = torch.randint(0, 2**32, (n,), generator=g, dtype=torch.int64)
+        got = generation._mix32_int32_(x.to(torch.int32)).to(torch.int64) & 0xFFFFFFFF
+        assert torch.equal(got, generation._mix32(x))
+    assert generation._int32_hash_exact(torch.device("cpu"))
+    keys = torch.randint(0, 2**32, (5,), generator=g, dtype=torch.int64)
+    fast = generation.keyed_uniform(keys, 3, 437)
+    monkeypatch.setitem(generation._INT32_EXACT, "cpu", False)  # the int64 fallback
+    slow = generation.keyed_uniform(keys, 3, 437)
+    assert torch.equal(fast, slow) and fast.dtype == torch.float64
+    assert 0 < fast.min() and fast.max() < 1
+
+
+def test_keyed_sampling_is_a_draw_from_the_softmax_that_depends_only_on_key_and_step():
+    """Gumbel-max over `keyed_uniform`: token frequencies over many keys match softmax(logits / T) (within 4.5
+    standard errors per token), and a row's token does not depend on the other rows of the batch."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5, -3.0])
+    temperature, n = 0.7, 20000
+    keys = torch.arange(n, dtype=torch.int64) * 7919 + 11
+    uniforms = generation.keyed_uniform(keys, 4, len(logits))
+    tokens = generation.sample_next(logits.expand(n, -1), temperature, 0, 1.0, None, uniforms)
+    p = (logits / temperature).softmax(-1).double()
+    freq = torch.bincount(tokens, minlength=len(logits)).double() / n
+    assert ((freq - p).abs() <= 4.5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (freq, p)
+    sub = torch.tensor([5, 17, 3])  # the same keys in a smaller, reordered batch draw the same tokens
+    again = generation.sample_next(logits.expand(3, -1), temperature, 0, 1.0, None,
+                                   generation.keyed_uniform(keys[sub], 4, len(logits)))  # fmt: skip
+    assert torch.equal(again, tokens[sub])
+    other_step = generation.sample_next(logits.expand(n, -1), temperature, 0, 1.0, None,
+                                        generation.keyed_uniform(keys, 5, len(logits)))  # fmt: skip
+    assert (other_step != tokens).float().mean() > 0.3  # another step, other draws
