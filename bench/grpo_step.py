@@ -22,9 +22,13 @@ Models: ppo_step.build_models, in the same directory as bench/ppo_step.py (--mod
 out/bench/ppo_step/<size>); GRPO uses the policy only (no reward model: the reward is a function).
   demo  the built-in tiny Llama (common.models.ensure_demo_base).
   0.5b  a random-initialised Llama with Qwen2.5-0.5B's shape (494M parameters) and the demo tokenizer.
-Fixed-length responses: the shared tokenizer's EOS is a token added for the benchmark; with the demo model its id is
-outside the model's vocabulary, so neither side can ever stop early (with 0.5b: probability ~1/V per token). TRL stops
-at the tokenizer's EOS and the model's generation_config EOS, both that token.
+Response length: the shared tokenizer's EOS is a token added for the benchmark, one id past the demo model's
+vocabulary. TRL uses the model as saved, so it can never sample that id (with 0.5b: probability ~1/V per token); ours
+grows the embeddings to the tokenizer's size as every script does (common.models.grow_embeddings: the new row is the
+mean of the others), so it can, and some rows stop early (mean response length 30.6 of 32 in the demo runs). The work
+is the same on both sides: a batch decodes until every row has stopped (32 steps here: some rows never stop) and both
+train on the padded 32 columns, the tokens after an EOS masked out of the loss. TRL stops at the tokenizer's EOS and
+the model's generation_config EOS, both that token.
 
 Settings on both sides (defaults): 16 prompts x G=8 = 128 completions per update, response length 32, temperature 1.0,
 top-p 1 / top-k off, 1 policy epoch over 1 minibatch (one optimizer step per update), clip 0.2, group-normalised
@@ -494,7 +498,8 @@ def header(args, command: str, threads: str, load_start: str, grpo_cmd: str, trl
     completions = args.batch_size * args.num_generations
     lines.append(
         f"- settings: {args.batch_size} prompts x G={args.num_generations} = {completions} completions per update "
-        f"(episode = completion), response length {args.response_length} (fixed, no early EOS), temperature "
+        f"(episode = completion), response length {args.response_length} (decoded in full on both sides; ours can "
+        f"sample the EOS, so some of its rows end early: see the docstring), temperature "
         f"{TEMPERATURE}, {args.ppo_epochs} policy epoch(s), {args.num_minibatches} minibatch(es), beta "
         f"{args.kl_coef} ({'reference model loaded' if args.kl_coef > 0 else 'no reference model'}), learning rate "
         f"{args.learning_rate}, no gradient clipping, reward `digit_fraction` (bench/grpo_step.py) on both sides; "
