@@ -149,6 +149,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--output", default=None, help="markdown file (default bench/results/grpo_step_<device>[_<size>].md)"
     )
+    p.add_argument(
+        "--model-time",
+        action="store_true",
+        help="also time, on both sides, the policy's decoder stack (transformers' modeling code, the same on both "
+        "sides) with and without autograd, and backward: where the update's time goes (adds hooks and, on CUDA, syncs)",
+    )
     p.add_argument("--no-save", action="store_true", help="print only, write no results file")
     p.add_argument("--note", default="", help="a line added to the header (e.g. about the machine)")
     p.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -171,6 +177,53 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------------- children
 
 
+class ModelClock:
+    """With --model-time: wall time per update inside the policy's decoder stack (`model.get_decoder()`: the
+    transformer layers of transformers' modeling code, which both trainers run; not the LM head, the log-probs or the
+    sampling, which are each side's own), split into calls without autograd (generation) and with it (the training
+    forward), and inside `Tensor.backward` (the decoder's and the head's backward)."""
+
+    def __init__(self, device: str):
+        self.device, self.totals, self._start = device, {"decode_nograd": 0.0, "decode_grad": 0.0, "backward": 0.0}, 0.0
+        self.attached = False
+
+    def attach(self, model) -> None:
+        """Hook `model`'s decoder and `Tensor.backward` (once: later calls do nothing)."""
+        import torch
+
+        if self.attached:
+            return
+        self.attached = True
+
+        def pre(module, args, kwargs):
+            sync(self.device)
+            self._start = time.perf_counter()
+
+        def post(module, args, kwargs, output):
+            sync(self.device)
+            key = "decode_grad" if torch.is_grad_enabled() else "decode_nograd"
+            self.totals[key] += time.perf_counter() - self._start
+
+        decoder = model.get_decoder()
+        decoder.register_forward_pre_hook(pre, with_kwargs=True)
+        decoder.register_forward_hook(post, with_kwargs=True)
+        original_backward = torch.Tensor.backward
+
+        def backward(tensor, *a, **k):
+            sync(self.device)
+            t0 = time.perf_counter()
+            original_backward(tensor, *a, **k)
+            sync(self.device)
+            self.totals["backward"] += time.perf_counter() - t0
+
+        torch.Tensor.backward = backward
+
+    def take(self) -> dict:
+        out = dict(self.totals)
+        self.totals = dict.fromkeys(self.totals, 0.0)
+        return out
+
+
 def child_ours(spec: dict) -> None:
     """Run grpo.py's __main__ in this process (runpy) with spec["argv"]; at exit write threads, peak CUDA memory and
     the process CPU time at the end of every update (grpo.py calls tracker.log once per update)."""
@@ -181,18 +234,33 @@ def child_ours(spec: dict) -> None:
 
     from common import checkpoint, tracking
 
-    cpu_stamps = []
+    cpu_stamps, model_times = [], []
     original_log = tracking.Tracker.log
+    clock = ModelClock(spec["device"]) if spec["model_time"] else None
 
     def log(self, metrics, step, echo=True):
         if "perf/time_train" in metrics:
             cpu_stamps.append(time.process_time())
+            if clock:
+                model_times.append(clock.take())
         original_log(self, metrics, step, echo)
 
     tracking.Tracker.log = log
+    if clock:  # the first model grpo.py loads is the policy (a reference, with --kl-coef > 0, comes after it)
+        from common import models
+
+        original_load = models.load_causal_lm
+
+        def load_causal_lm(*a, **k):
+            model = original_load(*a, **k)
+            clock.attach(model)
+            return model
+
+        models.load_causal_lm = load_causal_lm
 
     def report():
-        result = {"threads": torch.get_num_threads(), "cuda_peak": cuda_peak(spec["device"]), "cpu_stamps": cpu_stamps}
+        result = {"threads": torch.get_num_threads(), "cuda_peak": cuda_peak(spec["device"]), "cpu_stamps": cpu_stamps,
+                  "model_times": model_times}  # fmt: skip
         Path(spec["result"]).write_text(json.dumps(result))
 
     atexit.register(report)
@@ -260,6 +328,7 @@ def child_trl(spec: dict) -> None:
 
     # Phase stamps (see the module docstring); TRL's code runs unchanged between them.
     updates, current = [], {}
+    clock = ModelClock(device) if spec["model_time"] else None
     original_generate = GRPOTrainer._generate
     original_rewards = GRPOTrainer._calculate_rewards
     original_compute_loss = GRPOTrainer.compute_loss
@@ -303,6 +372,7 @@ def child_trl(spec: dict) -> None:
             end = time.perf_counter()
             updates.append(
                 {
+                    **({"model_time": clock.take()} if clock else {}),
                     "end": end,
                     "cpu": time.process_time(),
                     "rollout": current["rollout_end"] - current["start"],
@@ -317,6 +387,8 @@ def child_trl(spec: dict) -> None:
             current["start"] = end
 
     policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32, attn_implementation="sdpa")
+    if clock:
+        clock.attach(policy)
     trainer = GRPOTrainer(
         model=policy,  # with beta > 0 TRL loads the reference from the same directory (config._name_or_path)
         reward_funcs=[digit_fraction_trl],
@@ -413,6 +485,7 @@ def summarize_ours(result: dict, out_dir: Path, args) -> dict:
         "response_len": mean(r["grpo/response_length"] for r in timed),
         "reward_mean": mean(r["reward/mean"] for r in timed),
         "logged_rollout_tok_s": mean(r["perf/rollout_tokens_per_sec"] for r in timed),
+        **model_time(result["model_times"][1:]),
         **result,
     }
 
@@ -431,8 +504,14 @@ def summarize_trl(result: dict, args) -> dict:
         "response_len": mean(u["response_len"] for u in timed),
         "reward_mean": mean(u["reward_mean"] for u in timed),
         "reward_fn": mean(u["reward_fn"] for u in timed),
+        **model_time([u["model_time"] for u in timed if "model_time" in u]),
         **result,
     }
+
+
+def model_time(per_update: list[dict]) -> dict:
+    """Mean --model-time seconds per timed update ({} without the flag)."""
+    return {f"model_{k}": mean(u[k] for u in per_update) for k in per_update[0]} if per_update else {}
 
 
 def derived(s: dict, args) -> dict:
@@ -468,6 +547,29 @@ def table(ours: dict | None, trl: dict | None, trl_name: str) -> str:
             lines.append(f"| {name} | " + " | ".join(fmt.format(row[k]) for k, _, fmt in COLUMNS) + " |")
     if ours and trl:
         lines.append("| ratio ours / TRL | " + " | ".join(f"{ours[k] / trl[k]:.2f}x" for k, _, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def model_time_table(chosen: dict, trl_name: str) -> str:
+    """--model-time: where each side's update goes (the median run's means per timed update, seconds)."""
+    lines = [
+        "Where an update's time goes (--model-time; seconds per update, the median run's means; the hooks' syncs and "
+        "Python calls are included):",
+        "",
+        "| | s / update | decoder, no autograd (generation) | decoder, with autograd (training forward) | backward "
+        "| decoder + backward | everything else |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for side, name in (("ours", "ours (grpo.py)"), ("trl", trl_name)):
+        c = chosen.get(side)
+        if c is None or "model_backward" not in c:
+            continue
+        per = c["derived"]["s_per_update"]
+        model = c["model_decode_nograd"] + c["model_decode_grad"] + c["model_backward"]
+        lines.append(
+            f"| {name} | {per:.3f} | {c['model_decode_nograd']:.3f} | {c['model_decode_grad']:.3f} | "
+            f"{c['model_backward']:.3f} | {model:.3f} | {per - model:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -586,6 +688,7 @@ def main() -> None:
                 "kl_coef": args.kl_coef,
                 "learning_rate": args.learning_rate,
                 "updates": args.updates,
+                "model_time": args.model_time,
                 "argv": ours_argv(args, policy_dir, prompts, run_dir / "ours_out"),
             }
             t0 = time.time()
@@ -637,6 +740,8 @@ def main() -> None:
             f"- all {s} runs in order: episodes/s {', '.join(f'{e:.1f}' for e in eps)} (range {min(eps):.1f}-"
             f"{max(eps):.1f}); CPU s/update {cpu}; peak memory MiB {mem}"
         )
+    if args.model_time:
+        text += ["", model_time_table(chosen, trl_name)]
     if "ours" in chosen:
         c = chosen["ours"]
         text.append(
