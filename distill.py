@@ -105,7 +105,8 @@ class Args:
     eval_size: int = 256
     """offline: rows held out from --data for eval/kd_loss when --eval-data is not given"""
     max_rows: int = 0
-    """use only the first N training rows of --data (0 = all): the offline cache covers only these"""
+    """use only the first N training rows of --data (0 = all; rows past them are never read): the offline cache
+    covers only these"""
     max_seq_len: int = 128
     """tokens per example (longer examples are truncated on the right)"""
     max_prompt_len: int = 64
@@ -478,17 +479,20 @@ if __name__ == "__main__":
         student = wrap_model(student, dist, activation_checkpointing=args.activation_checkpointing)
 
     # 2. data: SFT rows; errors name file, row and field
+    if args.max_rows < 0:
+        raise ValueError(f"--max-rows must be >= 0 (0 = all), got {args.max_rows}")
     data_path = data.resolve_data_path(args.data, "sft", dist)
     skipped_rows = 0
     if offline:
         parsed, eval_parsed, eval_source = data.load_train_eval(data_path, args.eval_data, args.eval_size, data.parse_sft,
-                                                                args.skip_bad_rows, args.split, args.eval_split)  # fmt: skip
+                                                                args.skip_bad_rows, args.split, args.eval_split,
+                                                                args.max_rows)  # fmt: skip
 
         def tok(record, context):
             return data.tokenize_sft(tokenizer, record, args.max_seq_len, context)
 
         train = data.tokenize_all(
-            parsed.records[: args.max_rows or None],
+            parsed.records,
             tok,
             parsed.source,
             args.skip_bad_rows,
@@ -502,8 +506,9 @@ if __name__ == "__main__":
         skipped_rows = parsed.skipped + train.skipped
     else:
         rows = data.load_rows(data_path, args.split)
-        parsed = data.parse_rows(rows, data.parse_sft, rows.source, args.skip_bad_rows)
-        train = data.tokenize_rows(parsed.records[: args.max_rows or None], lambda r, c: on_policy_record(tokenizer, r, args, c),
+        n = min(len(rows), args.max_rows) if args.max_rows > 0 else len(rows)  # rows past --max-rows are never parsed
+        parsed = data.parse_rows(rows[:n], data.parse_sft, rows.source, args.skip_bad_rows, rows.line_numbers[:n])
+        train = data.tokenize_rows(parsed.records, lambda r, c: on_policy_record(tokenizer, r, args, c),
                                    parsed.source, args.skip_bad_rows, args.prompt_truncation, args.num_proc, args.data_cache_dir)  # fmt: skip
         records, eval_records = train.records, []
         eval_parsed = evals = None

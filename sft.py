@@ -69,7 +69,8 @@ class Args:
     eval_size: int = 256
     """rows held out from --data for eval/loss when --eval-data is not given"""
     max_rows: int = 0
-    """train on the first N training rows of --data only (0 = all; the held-out rows are not among them)"""
+    """train on the first N training rows of --data only (0 = all; the held-out rows are not among them); rows past
+    them are never read"""
     max_seq_len: int = 128
     """tokens per example (longer examples are truncated on the right) or per packed row"""
     packing: bool = False
@@ -186,11 +187,8 @@ if __name__ == "__main__":
 
     # 2. data: parse every row (errors name file, row and field), tokenize, hold out an eval set, pack
     data_path = data.resolve_data_path(args.data, "sft", dist)
-    parsed, eval_parsed, eval_source = data.load_train_eval(
-        data_path, args.eval_data, args.eval_size, data.parse_sft, args.skip_bad_rows, args.split, args.eval_split
-    )
-    if args.max_rows:
-        parsed.records = parsed.records[: args.max_rows]
+    parsed, eval_parsed, eval_source = data.load_train_eval(data_path, args.eval_data, args.eval_size, data.parse_sft,
+                                                            args.skip_bad_rows, args.split, args.eval_split, args.max_rows)  # fmt: skip
 
     def tok(record, context):
         return data.tokenize_sft(tokenizer, record, args.max_seq_len, context)

@@ -131,6 +131,26 @@ def test_held_out_tail_names_the_line_of_the_file(tmp_path):
         data.load_train_eval(str(train_path), str(eval_path), 2, data.parse_preference, skip_bad_rows=False)
 
 
+def test_max_rows_reads_only_the_first_training_rows(tmp_path):
+    """--max-rows N (sft.py, distill.py): the first N training rows are parsed and nothing after them, so a bad row
+    past them does not stop the run; the held-out tail is unchanged, rows keep their file line numbers, and with a
+    separate --eval-data file the limit applies to the training file only."""
+    good = json.dumps({"prompt": "Add 2 and 2.", "completion": "4"})
+    bad = json.dumps({"prompt": "Add 2 and 2."})
+    path = write(tmp_path, "sft.jsonl", [], raw="\n".join([good, "", good, good, bad, good, good, good]) + "\n")
+    with pytest.raises(DataError, match="row 5, field 'completion'"):
+        data.load_train_eval(str(path), None, 2, data.parse_sft, False)
+    train, held_out, _ = data.load_train_eval(str(path), None, 2, data.parse_sft, False, max_rows=3)
+    assert [r["row"] for r in train.records] == [1, 3, 4] and [r["row"] for r in held_out.records] == [7, 8]
+    train, _, _ = data.load_train_eval(str(path), None, 2, data.parse_sft, True, max_rows=100)  # more than there are
+    assert [r["row"] for r in train.records] == [1, 3, 4, 6] and train.skipped == 1
+    eval_path = write(tmp_path, "eval.jsonl", [], raw="\n".join([good] * 5) + "\n")
+    train, held_out, _ = data.load_train_eval(str(path), str(eval_path), 2, data.parse_sft, False, max_rows=2)
+    assert [r["row"] for r in train.records] == [1, 3] and len(held_out.records) == 5
+    with pytest.raises(ValueError, match="--max-rows must be >= 0"):
+        data.load_train_eval(str(path), None, 2, data.parse_sft, False, max_rows=-1)
+
+
 def test_script_names_the_line_after_blank_lines(demo_base, tmp_path):
     """Through a script (reward_model.py reads its data before loading a model, so this run is short): blank
     lines before a bad pair in the --eval-size tail; stderr names the file and the line."""

@@ -226,6 +226,10 @@ def test_bad_rows_stop_with_a_clear_error(models, rows, tmp_path):
     flags = [*common_flags(models, rows), "--output-dir", str(tmp_path / "o")]
     proc = run_script("distill.py", *flags, "--data", str(path), check=False)
     assert proc.returncode != 0 and f"{path}: row 21, field 'completion': missing" in proc.stderr
+    # --max-rows: rows past the first N are never read, so the bad row 21 does not stop a run on the first 20
+    proc = run_script("distill.py", *flags, "--data", str(path), "--max-rows", "20", "--total-steps", "1",
+                      "--local-micro-batch-size", "4", "--response-length", "4", "--save-every", "0")  # fmt: skip
+    assert "examples=20 " in proc.stdout and "skipped_rows=0 " in proc.stdout
 
 
 def test_help_documents_every_flag():
