@@ -479,8 +479,6 @@ if __name__ == "__main__":
         student = wrap_model(student, dist, activation_checkpointing=args.activation_checkpointing)
 
     # 2. data: SFT rows; errors name file, row and field
-    if args.max_rows < 0:
-        raise ValueError(f"--max-rows must be >= 0 (0 = all), got {args.max_rows}")
     data_path = data.resolve_data_path(args.data, "sft", dist)
     skipped_rows = 0
     if offline:
@@ -506,8 +504,7 @@ if __name__ == "__main__":
         skipped_rows = parsed.skipped + train.skipped
     else:
         rows = data.load_rows(data_path, args.split)
-        n = min(len(rows), args.max_rows) if args.max_rows > 0 else len(rows)  # rows past --max-rows are never parsed
-        parsed = data.parse_rows(rows[:n], data.parse_sft, rows.source, args.skip_bad_rows, rows.line_numbers[:n])
+        parsed = data.parse_first_rows(rows, data.parse_sft, args.skip_bad_rows, args.max_rows)
         train = data.tokenize_rows(parsed.records, lambda r, c: on_policy_record(tokenizer, r, args, c),
                                    parsed.source, args.skip_bad_rows, args.prompt_truncation, args.num_proc, args.data_cache_dir)  # fmt: skip
         records, eval_records = train.records, []

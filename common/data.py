@@ -221,6 +221,19 @@ def parse_rows(
     return out
 
 
+def parse_first_rows(
+    rows: Rows, parse: Callable, skip_bad_rows: bool, max_rows: int = 0, end: int | None = None
+) -> Parsed:
+    """`parse_rows` on the first `max_rows` of `rows[:end]` (0 = all of them), with their file line numbers: rows past
+    them are never read (--max-rows: a quick run on a big file does not parse all of it, nor stop at a bad row it would
+    not use)."""
+    if max_rows < 0:
+        raise ValueError(f"--max-rows must be >= 0 (0 = all), got {max_rows}")
+    n = len(rows) if end is None else end
+    n = min(n, max_rows) if max_rows else n
+    return parse_rows(rows[:n], parse, rows.source, skip_bad_rows, rows.line_numbers[:n])
+
+
 def load_train_eval(
     data_path: str,
     eval_data: str | None,
@@ -234,10 +247,9 @@ def load_train_eval(
     """Parsed training rows and held-out rows. The held-out rows are `eval_data` when given (its split
     `eval_split`, default "train"), else the split `eval_split` of `data_path` when given (e.g. `test_prefs`),
     else the last `eval_size` rows of the split `split` of `data_path` (not trained on).
-    `max_rows` > 0 keeps the first `max_rows` training rows, before parsing: rows past them are never read
-    (a quick run on a big file does not parse all of it, nor stop at a bad row it would not use).
+    `max_rows` > 0 keeps the first `max_rows` training rows, before parsing (`parse_first_rows`).
     Returns (train, eval, eval_source); `train.source` names the training data in errors."""
-    if max_rows < 0:
+    if max_rows < 0:  # before any data is read
         raise ValueError(f"--max-rows must be >= 0 (0 = all), got {max_rows}")
     rows = load_rows(data_path, split)
     if eval_data is None and eval_split is None:
@@ -246,15 +258,12 @@ def load_train_eval(
         if len(rows) <= eval_size:
             raise ValueError(f"{rows.source}: {len(rows)} rows, not more than --eval-size {eval_size}")
         # the held-out tail keeps the row numbers of the file
-        n = len(rows) - eval_size
-        n = min(n, max_rows) if max_rows else n
-        train = parse_rows(rows[:n], parse, rows.source, skip_bad_rows, rows.line_numbers[:n])
+        train = parse_first_rows(rows, parse, skip_bad_rows, max_rows, end=len(rows) - eval_size)
         held_out = parse_rows(rows[-eval_size:], parse, rows.source, skip_bad_rows, rows.line_numbers[-eval_size:])
         return train, held_out, rows.source
     if eval_data is None and eval_split == split:
         raise DataError(f"{data_path}: --eval-split {eval_split} is the training split (--split); hold out another one")
-    n = min(len(rows), max_rows) if max_rows else len(rows)
-    train = parse_rows(rows[:n], parse, rows.source, skip_bad_rows, rows.line_numbers[:n])
+    train = parse_first_rows(rows, parse, skip_bad_rows, max_rows)
     eval_rows = load_rows(eval_data or data_path, eval_split or "train")
     held_out = parse_rows(eval_rows, parse, eval_rows.source, skip_bad_rows)
     return train, held_out, eval_rows.source
